@@ -1,0 +1,2 @@
+"""corrflow: correlative beamline + microscope workflows."""
+__version__ = "0.1.0"
