@@ -1,0 +1,31 @@
+# corrflow: everything a fresh machine needs is installed by these targets (see README Quickstart).
+PYTHON ?= python3
+VENV   ?= .venv
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast bench clean
+
+# (Re)install when pyproject.toml changes. pip resolves the pins in pyproject.toml (STACK.md).
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "corrflow needs Python >= 3.11")'
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: a simulated correlative experiment end to end on embedded defaults.
+demo: $(STAMP)
+	$(VENV)/bin/corrflow demo
+
+## The whole test suite (slow suites included).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+## The suite without the slow marker, for quick iterations.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache
