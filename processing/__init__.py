@@ -1,1 +1,93 @@
-"""processing"""
+"""Pure numerical kernels of corrflow: tomography pre-processing, reconstruction, metrics, registration.
+
+Every function is pure (no I/O, no global state), takes options as keywords, validates its inputs at
+the edge (``ValueError`` naming the argument) and returns float32 images by default. Geometry follows
+INTERFACES.md ("Geometry conventions"): detector column ``j`` at ``u_j = (j - c) * pixel``, ``c`` the
+rotation-axis column; slices ``slice[iy, ix]`` at ``x = (ix - (n-1)/2) * voxel``,
+``y = (iy - (n-1)/2) * voxel``; volumes ``(z, y, x)``; attenuation in 1/mm.
+
+Modules
+-------
+normalize
+    Flat/dark correction and the safe ``-ln``: :func:`normalize`, :func:`minus_log`, :func:`line_integrals`.
+centering
+    Rotation-axis column from opposed projections: :func:`find_rotation_center`.
+fbp
+    Filtered back-projection: :func:`fbp` (one slice), :func:`fbp_volume` (a stack of sinograms).
+metrics
+    :func:`rmse`, :func:`nrmse`, :func:`material_means`.
+registration
+    :func:`detect_fiducials`, :func:`fit_landmarks` (known pairs), :func:`match_landmarks` (unknown pairs),
+    :func:`register_microscope_to_slice` (micrograph -> ``beamline_sample`` 4x4 transform);
+    failures raise :class:`RegistrationError`.
+transforms
+    4x4 homogeneous transforms between frames of reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The modules `normalize` and `fbp` share their names with their main functions: they are imported
+# eagerly so that the package attribute is bound to the FUNCTION after the submodule is loaded (a later
+# `import corrflow.processing.fbp` does not rebind it). They only need NumPy and scipy.fft.
+from corrflow.processing.centering import find_rotation_center
+from corrflow.processing.fbp import FILTERS, fbp, fbp_volume
+from corrflow.processing.metrics import material_means, nrmse, rmse
+from corrflow.processing.normalize import line_integrals, minus_log, normalize
+
+# Registration needs scikit-image and SimpleITK (about a second to import); resolved on first use so
+# `from corrflow.processing.transforms import ...` stays cheap for devices and flows.
+_LAZY = (
+    "LandmarkFit",
+    "RegistrationError",
+    "RegistrationResult",
+    "detect_fiducials",
+    "fit_landmarks",
+    "match_landmarks",
+    "register_microscope_to_slice",
+)
+
+if TYPE_CHECKING:
+    from corrflow.processing.registration import (
+        LandmarkFit,
+        RegistrationError,
+        RegistrationResult,
+        detect_fiducials,
+        fit_landmarks,
+        match_landmarks,
+        register_microscope_to_slice,
+    )
+
+__all__ = [
+    "FILTERS",
+    "LandmarkFit",
+    "RegistrationError",
+    "RegistrationResult",
+    "detect_fiducials",
+    "fbp",
+    "fbp_volume",
+    "find_rotation_center",
+    "fit_landmarks",
+    "line_integrals",
+    "match_landmarks",
+    "material_means",
+    "minus_log",
+    "normalize",
+    "nrmse",
+    "register_microscope_to_slice",
+    "rmse",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.registration"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
