@@ -1,0 +1,118 @@
+"""The simulated tomography detector: Beer-Lambert frames of the world's sample, written to HDF5.
+
+Each frame is computed by :func:`corrflow.simulators.xray_frame` from the sample at its current
+temperature, the rotation stage's angle and translations, the exposure time and the shutter
+state at the start of the exposure. Frames go to HDF5 and reach the documents as stream assets
+(see :mod:`corrflow.devices.hdf5_stream`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from ophyd import Component as Cpt
+
+from corrflow.devices.clock import SimClock
+from corrflow.devices.hdf5_stream import StreamingDetector
+from corrflow.devices.shutter import Shutter
+from corrflow.devices.signals import ConfigSignal, ReadbackSignal
+from corrflow.devices.stage import SampleStage
+from corrflow.simulators import xray_frame
+from corrflow.simulators.world import SimulatedWorld
+
+__all__ = ["XrayDetector", "IMAGE_KEY_PROJECTION", "IMAGE_KEY_FLAT", "IMAGE_KEY_DARK", "IMAGE_KEYS"]
+
+# NXtomo image_key values.
+IMAGE_KEY_PROJECTION = 0
+IMAGE_KEY_FLAT = 1
+IMAGE_KEY_DARK = 2
+IMAGE_KEYS = (IMAGE_KEY_PROJECTION, IMAGE_KEY_FLAT, IMAGE_KEY_DARK)
+
+
+def _check_image_key(value: Any) -> None:
+    if isinstance(value, bool) or value not in IMAGE_KEYS:
+        raise ValueError(f"image_key must be one of {IMAGE_KEYS} (0 projection, 1 flat, 2 dark), got {value!r}")
+
+
+class XrayDetector(StreamingDetector):
+    """Simulated scintillator + camera of the tomography beamline (uint16 frames).
+
+    Parameters
+    ----------
+    name
+        Device name; the image data key is ``{name}_image``.
+    world
+        The simulated world (sample, detector model, noise generator).
+    stage
+        The sample stage whose rotation and translations set the projection geometry.
+    shutter
+        The beam shutter; closed gives dark frames.
+    data_dir
+        Directory for the HDF5 files.
+    clock
+        Simulated clock (default: the world's).
+
+    Notes
+    -----
+    Components: ``frame_number`` (normal), ``image_key`` (normal, NXtomo: 0 projection, 1 flat,
+    2 dark; plans set it per stream), ``saturated_px`` (normal, pixels at the uint16 maximum in
+    the last frame), ``exposure_s`` (config, s), ``shape_px`` (config, rows and
+    columns), ``pixel_size_um`` (config, um at the sample), ``energy_keV`` (config, keV),
+    ``distance_mm`` (config, sample-detector distance, mm). The column of the rotation axis is
+    deliberately not a component: the instrument does not know it; reconstruction finds it.
+    """
+
+    frame_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)
+
+    image_key = Cpt(ConfigSignal, value=IMAGE_KEY_PROJECTION, kind="normal", check=_check_image_key)
+    saturated_px = Cpt(ReadbackSignal, value=0, kind="normal", units="px")
+    pixel_size_um = Cpt(ReadbackSignal, value=0.0, kind="config", units="um")
+    energy_keV = Cpt(ReadbackSignal, value=0.0, kind="config", units="keV")
+    distance_mm = Cpt(ReadbackSignal, value=0.0, kind="config", units="mm")
+
+    def __init__(
+        self,
+        prefix: str = "",
+        *,
+        name: str,
+        world: SimulatedWorld,
+        stage: SampleStage,
+        shutter: Shutter,
+        data_dir: Path | str,
+        clock: SimClock | None = None,
+        **kwargs: Any,
+    ) -> None:
+        model = world.xray
+        super().__init__(
+            prefix=prefix,
+            name=name,
+            data_dir=data_dir,
+            clock=clock if clock is not None else SimClock.of_world(world),
+            frame_shape_px=model.shape_px,
+            **kwargs,
+        )
+        self._world = world
+        self._stage = stage
+        self._shutter = shutter
+        self.pixel_size_um.put(float(model.pixel_size_um), internal=True)
+        self.energy_keV.put(float(model.energy_keV), internal=True)
+        self.distance_mm.put(float(model.propagation_distance_mm), internal=True)
+
+    def _exposure_inputs(self) -> dict[str, Any]:
+        stage = self._stage
+        return {
+            "angle_deg": float(stage.rotation.position),
+            "x_um": float(stage.x.position),
+            "y_um": float(stage.y.position),
+            "z_um": float(stage.z.position),
+            "shutter_open": self._shutter.is_open,
+        }
+
+    def _acquire_frame(self, *, exposure_s: float, inputs: dict[str, Any]) -> np.ndarray:
+        world = self._world
+        frame = xray_frame(world.phantom(), world.xray, exposure_s=exposure_s, rng=world.rng, **inputs)
+        # Saturated pixels carry no attenuation information; count them so QA can flag the frame.
+        self.saturated_px.put(int(np.count_nonzero(frame == np.iinfo(self.frame_dtype).max)), internal=True)
+        return frame

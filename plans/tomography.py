@@ -1,0 +1,224 @@
+"""Tomography scan: dark fields, flat fields and projections over a half (or full) turn.
+
+Layering follows bluesky: the streams are built from plan stubs (:mod:`corrflow.plans.stubs`,
+``bps.mv``) and preprocessors (``finalize_wrapper``, ``run_decorator``); the public :func:`tomo_scan` validates its arguments when called and returns
+the plan, so a bad request fails before any message is yielded.
+
+One run, three event streams, each with its own detector staging (its own HDF5 file and
+StreamResource) and its NXtomo ``image_key`` recorded with every event and in the start document:
+
+=========  =========  ============================================================
+stream     image_key  what
+=========  =========  ============================================================
+dark       2          shutter closed
+flat       1          shutter open, sample moved out of the beam by ``flat_offset_x_um``
+primary    0          shutter open, one frame per angle over ``[start_deg, stop_deg)``
+=========  =========  ============================================================
+
+Every event also holds the stage's rotation angle and translations (the geometry of that frame),
+the shutter state and, on a beamline with a heater, the measured sample temperature. Whatever happens, the plan ends with the shutter closed and the stage back
+at its starting x and rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+from bluesky.utils import MsgGenerator
+
+from corrflow.devices.beamline import Beamline
+from corrflow.devices.detectors import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
+from corrflow.plans.metadata import (
+    SampleInfo,
+    build_start_metadata,
+    identification_metadata,
+    references_metadata,
+    settings_metadata,
+)
+from corrflow.plans.stubs import frames_at_positions, repeated_frames
+from corrflow.plans.validation import PlanValidationError, TomoDevices, TomoScanRequest, validate_tomo_scan
+from corrflow.processing.transforms import similarity
+
+__all__ = ["tomo_scan", "IMAGE_KEY_BY_STREAM", "GEOMETRY_CONVENTIONS"]
+
+IMAGE_KEY_BY_STREAM = {"dark": IMAGE_KEY_DARK, "flat": IMAGE_KEY_FLAT, "primary": IMAGE_KEY_PROJECTION}
+
+GEOMETRY_CONVENTIONS = (
+    "beamline_sample: um, z = rotation axis (up), origin on the axis at the sample centre; the stage at "
+    "angle theta rotates the sample counter-clockwise seen from +z, p_lab = Rz(theta) p_sample + (x, y, z)_stage; "
+    "beam along lab +y; detector column j at u = (j - c) * pixel_size_um, c = rotation-axis column; "
+    "row i at z = (i - (rows - 1)/2) * pixel_size_um, row 0 lowest"
+)
+
+_UNITS = {
+    "num_projections": "",
+    "start_deg": "deg",
+    "stop_deg": "deg",
+    "angle_step_deg": "deg",
+    "exposure_s": "s",
+    "num_darks": "",
+    "num_flats": "",
+    "flat_offset_x_um": "um",
+    "detector_shape_px": "px",
+    "detector_pixel_size_um": "um",
+    "detector_energy_keV": "keV",
+    "detector_distance_mm": "mm",
+}
+
+
+def tomo_scan(
+    beamline: Beamline | TomoDevices | tuple[Any, Any, Any],
+    *,
+    num_projections: int,
+    exposure_s: float,
+    sample: SampleInfo | Mapping[str, str],
+    start_deg: float = 0.0,
+    stop_deg: float = 180.0,
+    num_darks: int = 10,
+    num_flats: int = 10,
+    flat_offset_x_um: float | None = None,
+    parent_uids: Sequence[str] = (),
+    md: Mapping[str, Any] | None = None,
+) -> MsgGenerator[str]:
+    """Validate a tomography scan and return its plan.
+
+    Parameters
+    ----------
+    beamline
+        A :class:`~corrflow.devices.beamline.Beamline`, or ``(stage, detector, shutter)``.
+    num_projections
+        Number of projections (>= 2), equally spaced over ``[start_deg, stop_deg)``.
+    exposure_s
+        Exposure time of every frame (s, > 0).
+    sample
+        Identification of the sample (:class:`~corrflow.plans.metadata.SampleInfo` or its fields).
+    start_deg, stop_deg
+        Angular range (deg); ``stop_deg`` itself is not measured (180 deg is a full parallel-beam set).
+    num_darks, num_flats
+        Dark frames (shutter closed) and flat frames (sample out of the beam), each >= 1.
+    flat_offset_x_um
+        Stage x excursion for flats (um); default 1.5 x the detector width. It must clear the field
+        of view and stay within the x limits.
+    parent_uids
+        Runs or datasets this scan follows from (recorded in ``references``).
+    md
+        Extra start-document metadata (may not replace plan-owned keys).
+
+    Returns
+    -------
+    MsgGenerator[str]
+        The plan; run it with ``RE(plan)``. It returns the run uid.
+
+    Raises
+    ------
+    PlanValidationError
+        On any bad argument, before anything moves or is written.
+    """
+    request = validate_tomo_scan(
+        beamline,
+        num_projections=num_projections,
+        exposure_s=exposure_s,
+        sample=sample,
+        start_deg=start_deg,
+        stop_deg=stop_deg,
+        num_darks=num_darks,
+        num_flats=num_flats,
+        flat_offset_x_um=flat_offset_x_um,
+        parent_uids=parent_uids,
+        md=md,
+    )
+    start_md = _start_metadata(request)
+    return _tomo_scan_plan(request, start_md)
+
+
+def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
+    devices = request.devices
+    stage, detector = devices.stage, devices.detector
+    angles = request.angles_deg
+    parameters = {
+        "num_projections": request.num_projections,
+        "start_deg": request.start_deg,
+        "stop_deg": request.stop_deg,
+        "angle_step_deg": (request.stop_deg - request.start_deg) / request.num_projections,
+        "exposure_s": request.exposure_s,
+        "num_darks": request.num_darks,
+        "num_flats": request.num_flats,
+        "flat_offset_x_um": request.flat_offset_x_um,
+        "detector_shape_px": list(detector.frame_shape_px),
+        "detector_pixel_size_um": float(detector.pixel_size_um.get()),
+        "detector_energy_keV": float(detector.energy_keV.get()),
+        "detector_distance_mm": float(detector.distance_mm.get()),
+    }
+    translation_um = (request.initial_x_um, float(stage.y.position), float(stage.z.position))
+    lab_from_sample = similarity(rotation_deg=angles[0], translation_um=translation_um)
+    try:
+        return build_start_metadata(
+            identification=identification_metadata(
+                request.sample, facility=devices.facility, instrument=devices.instrument
+            ),
+            references=references_metadata(
+                frame=devices.frame,
+                transforms={f"lab_from_{devices.frame}_at_first_projection": lab_from_sample},
+                parent_uids=request.parent_uids,
+                conventions=GEOMETRY_CONVENTIONS,
+            ),
+            settings=settings_metadata("tomo_scan", parameters, units=_UNITS),
+            md=request.md,
+            plan_name="tomo_scan",
+            plan_args={k: parameters[k] for k in parameters if not k.startswith("detector_")},
+            detectors=[detector.name],
+            motors=[stage.rotation.name, stage.x.name],
+            num_points=request.n_frames,
+            hints={"dimensions": [([stage.rotation.name], "primary")]},
+            nxtomo={
+                "image_key_by_stream": dict(IMAGE_KEY_BY_STREAM),
+                "image_data_key": detector.image_data_key,
+                "image_key_data_key": detector.image_key.name,
+                "rotation_angle_data_key": stage.rotation.name,
+                "x_translation_data_key": stage.x.name,
+                "y_translation_data_key": stage.y.name,
+                "z_translation_data_key": stage.z.name,
+            },
+        )
+    except ValueError as exc:
+        raise PlanValidationError("tomo_scan", [str(exc)]) from None
+
+
+def _tomo_scan_plan(request: TomoScanRequest, start_md: dict[str, Any]) -> MsgGenerator[str]:
+    devices = request.devices
+    stage, shutter = devices.stage, devices.shutter
+
+    @bpp.run_decorator(md=start_md)
+    def run() -> MsgGenerator[str]:
+        # Positions to come back to; in a dry run (no RunEngine) the validated ones stand in.
+        x0 = yield from bps.rd(stage.x, default_value=request.initial_x_um)
+        rotation0 = yield from bps.rd(stage.rotation, default_value=request.initial_rotation_deg)
+
+        def restore() -> MsgGenerator[None]:
+            yield from bps.mv(shutter, "closed", stage.x, x0, stage.rotation, rotation0)
+
+        yield from bpp.finalize_wrapper(_streams(request, x0=x0), restore())
+
+    return (yield from run())
+
+
+def _streams(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+    devices = request.devices
+    stage, detector, shutter = devices.stage, devices.detector, devices.shutter
+    # Geometry (stage), beam (shutter) and, in situ, the sample temperature go with every frame.
+    readables = [stage, shutter] + ([devices.heater] if devices.heater is not None else [])
+    yield from bps.mv(detector.exposure_s, request.exposure_s)
+
+    yield from bps.mv(shutter, "closed", detector.image_key, IMAGE_KEY_DARK)
+    yield from repeated_frames(detector, readables, stream="dark", num_frames=request.num_darks)
+
+    yield from bps.mv(stage.x, x0 + request.flat_offset_x_um, shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
+    yield from repeated_frames(detector, readables, stream="flat", num_frames=request.num_flats)
+
+    yield from bps.mv(stage.x, x0, detector.image_key, IMAGE_KEY_PROJECTION)
+    yield from frames_at_positions(
+        detector, readables, motor=stage.rotation, positions=request.angles_deg, stream="primary"
+    )

@@ -1,0 +1,479 @@
+"""Validation, estimates and dry-run summaries of plans, before any device moves.
+
+Every plan function validates its arguments when it is *called* and raises
+:class:`PlanValidationError` (a ``ValueError``) listing every problem, before a message is
+yielded: a bad request is refused before a motor moves or a file is written. The same checks
+back :func:`estimate_tomo_scan` (duration and data volume of a scan) and ``corrflow dry-run``
+(:func:`summarize_messages` walks a plan without a RunEngine or hardware).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bluesky.utils import Msg
+from pydantic import ValidationError
+
+from corrflow.devices.beamline import Beamline
+from corrflow.devices.detectors import XrayDetector
+from corrflow.devices.heater import Heater
+from corrflow.devices.microscope import MicroscopeDetector
+from corrflow.devices.sem import Microscope
+from corrflow.devices.shutter import Shutter
+from corrflow.devices.stage import MicroscopeStage, SampleStage
+from corrflow.plans.metadata import RESERVED_KEYS, SampleInfo
+
+__all__ = [
+    "MAX_EXPOSURE_S",
+    "MAX_PROJECTIONS",
+    "MicrographRequest",
+    "PlanEstimate",
+    "PlanValidationError",
+    "TomoDevices",
+    "TomoScanRequest",
+    "estimate_micrograph",
+    "estimate_tomo_scan",
+    "summarize_messages",
+    "tomo_devices",
+    "validate_micrograph",
+    "validate_tomo_scan",
+]
+
+MAX_EXPOSURE_S = 3600.0
+MAX_PROJECTIONS = 100_000
+MAX_REFERENCE_FRAMES = 10_000
+
+
+class PlanValidationError(ValueError):
+    """Plan arguments are wrong; ``problems`` lists each one, naming the argument."""
+
+    def __init__(self, plan_name: str, problems: Sequence[str]) -> None:
+        self.plan_name = plan_name
+        self.problems = tuple(problems)
+        super().__init__(f"{plan_name}: invalid arguments:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """What a plan will cost.
+
+    Attributes
+    ----------
+    duration_s
+        Expected duration on the instrument (s, instrument time, not simulated wall time).
+    data_bytes
+        Raw detector data written (bytes).
+    n_frames
+        Detector frames taken.
+    """
+
+    duration_s: float
+    data_bytes: int
+    n_frames: int
+
+
+@dataclass(frozen=True)
+class TomoDevices:
+    """The devices of a tomography scan and the identity of the instrument they belong to.
+
+    With a ``heater``, its temperature is read with every frame (in-situ provenance).
+    """
+
+    stage: SampleStage
+    detector: XrayDetector
+    shutter: Shutter
+    heater: Heater | None = None
+    instrument: str = "tomography"
+    facility: str = "unknown"
+    frame: str = "beamline_sample"
+
+
+class _Checks:
+    """Collects problems so a caller sees all of them at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, message: str) -> None:
+        self.problems.append(message)
+
+    def integer(self, name: str, value: Any, *, minimum: int, maximum: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            self.fail(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            return None
+        if not minimum <= value <= maximum:
+            self.fail(f"{name} must be within [{minimum}, {maximum}], got {value}")
+            return None
+        return int(value)
+
+    def number(
+        self,
+        name: str,
+        value: Any,
+        *,
+        unit: str,
+        gt: float | None = None,
+        le: float | None = None,
+        nonzero: bool = False,
+    ) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            self.fail(f"{name} must be a number in {unit}, got {value!r} ({type(value).__name__})")
+            return None
+        value = float(value)
+        if not math.isfinite(value):
+            self.fail(f"{name} must be finite, got {value}")
+            return None
+        if gt is not None and not value > gt:
+            self.fail(f"{name} must be > {gt} {unit}, got {value}")
+            return None
+        if le is not None and not value <= le:
+            self.fail(f"{name} must be <= {le} {unit}, got {value}")
+            return None
+        if nonzero and value == 0:
+            self.fail(f"{name} must not be 0")
+            return None
+        return value
+
+    def sample(self, value: Any) -> SampleInfo | None:
+        if isinstance(value, SampleInfo):
+            return value
+        if not isinstance(value, Mapping):
+            self.fail(f"sample must be a SampleInfo or a mapping of its fields, got {type(value).__name__}")
+            return None
+        try:
+            return SampleInfo.model_validate(dict(value))
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(part) for part in error["loc"])
+                self.fail(f"sample.{field}: {error['msg']} (got {error.get('input')!r})")
+            return None
+
+    def metadata(self, md: Any) -> dict[str, Any]:
+        if md is None:
+            return {}
+        if not isinstance(md, Mapping):
+            self.fail(f"md must be a mapping, got {type(md).__name__}")
+            return {}
+        bad_keys = [key for key in md if not isinstance(key, str)]
+        if bad_keys:
+            self.fail(f"md keys must be strings, got {bad_keys!r}")
+        clashes = sorted(set(md) & RESERVED_KEYS)
+        if clashes:
+            self.fail(f"md: keys {clashes} are set by the plan and cannot be given in md")
+        return dict(md)
+
+    def uids(self, name: str, value: Any) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            self.fail(f"{name} must be a sequence of uid strings, got {value!r}")
+            return ()
+        bad = [uid for uid in value if not isinstance(uid, str) or not uid]
+        if bad:
+            self.fail(f"{name} must hold non-empty strings, got {bad!r}")
+        return tuple(str(uid) for uid in value)
+
+    def raise_if_any(self, plan_name: str) -> None:
+        if self.problems:
+            raise PlanValidationError(plan_name, self.problems)
+
+
+def tomo_devices(beamline: Any) -> TomoDevices:
+    """The tomography devices of a ``Beamline`` (or a ``(stage, detector, shutter)`` tuple).
+
+    Raises
+    ------
+    PlanValidationError
+        The argument does not hold a ``SampleStage``, an ``XrayDetector`` and a ``Shutter``.
+    """
+    if isinstance(beamline, TomoDevices):
+        devices = beamline
+    elif isinstance(beamline, Beamline):
+        devices = TomoDevices(
+            stage=beamline.stage,
+            detector=beamline.detector,
+            shutter=beamline.shutter,
+            heater=beamline.heater,
+            instrument=beamline.name,
+            facility=beamline.facility,
+            frame=beamline.frame,
+        )
+    elif isinstance(beamline, tuple) and len(beamline) == 3:
+        devices = TomoDevices(*beamline)
+    else:
+        raise PlanValidationError(
+            "tomo_scan", [f"beamline must be a Beamline or a (stage, detector, shutter) tuple, got {beamline!r}"]
+        )
+    problems = []
+    for attr, kind in (("stage", SampleStage), ("detector", XrayDetector), ("shutter", Shutter)):
+        if not isinstance(getattr(devices, attr), kind):
+            problems.append(f"beamline {attr} must be a {kind.__name__}, got {type(getattr(devices, attr)).__name__}")
+    if devices.heater is not None and not isinstance(devices.heater, Heater):
+        problems.append(f"beamline heater must be a Heater or None, got {type(devices.heater).__name__}")
+    if problems:
+        raise PlanValidationError("tomo_scan", problems)
+    return devices
+
+
+@dataclass(frozen=True)
+class TomoScanRequest:
+    """Validated arguments of ``tomo_scan`` and the instrument state they were checked against."""
+
+    devices: TomoDevices
+    num_projections: int
+    start_deg: float
+    stop_deg: float
+    exposure_s: float
+    num_darks: int
+    num_flats: int
+    flat_offset_x_um: float
+    sample: SampleInfo
+    parent_uids: tuple[str, ...]
+    md: dict[str, Any]
+    initial_x_um: float
+    initial_rotation_deg: float
+
+    @property
+    def angles_deg(self) -> tuple[float, ...]:
+        """Projection angles over ``[start_deg, stop_deg)``, equally spaced (deg)."""
+        step = (self.stop_deg - self.start_deg) / self.num_projections
+        return tuple(self.start_deg + k * step for k in range(self.num_projections))
+
+    @property
+    def n_frames(self) -> int:
+        return self.num_darks + self.num_flats + self.num_projections
+
+
+def validate_tomo_scan(
+    beamline: Any,
+    *,
+    num_projections: Any,
+    exposure_s: Any,
+    sample: Any,
+    start_deg: Any = 0.0,
+    stop_deg: Any = 180.0,
+    num_darks: Any = 10,
+    num_flats: Any = 10,
+    flat_offset_x_um: Any = None,
+    parent_uids: Any = (),
+    md: Any = None,
+) -> TomoScanRequest:
+    """Check every argument of ``tomo_scan`` against types, units and the instrument's limits.
+
+    The checks: ``num_projections`` an integer >= 2; ``exposure_s`` in (0, 3600] s; ``start_deg``
+    < ``stop_deg``, at most one turn apart, every projection angle within the rotation's soft
+    limits; ``num_darks``, ``num_flats`` integers >= 1; ``flat_offset_x_um`` (default: 1.5 x the
+    detector width) moves the sample out of the field of view (at least one detector width)
+    and stays within the x soft limits; ``sample`` a valid :class:`SampleInfo`; ``md`` a mapping
+    without plan-owned keys.
+
+    Raises
+    ------
+    PlanValidationError
+        Listing every problem found.
+    """
+    devices = tomo_devices(beamline)
+    checks = _Checks()
+    stage, detector = devices.stage, devices.detector
+    n_proj = checks.integer("num_projections", num_projections, minimum=2, maximum=MAX_PROJECTIONS)
+    exposure = checks.number("exposure_s", exposure_s, unit="s", gt=0.0, le=MAX_EXPOSURE_S)
+    start = checks.number("start_deg", start_deg, unit="deg")
+    stop = checks.number("stop_deg", stop_deg, unit="deg")
+    darks = checks.integer("num_darks", num_darks, minimum=1, maximum=MAX_REFERENCE_FRAMES)
+    flats = checks.integer("num_flats", num_flats, minimum=1, maximum=MAX_REFERENCE_FRAMES)
+    rows, cols = detector.frame_shape_px
+    field_width_um = cols * float(detector.pixel_size_um.get())
+    if flat_offset_x_um is None:
+        flat_offset_x_um = 1.5 * field_width_um
+    offset = checks.number("flat_offset_x_um", flat_offset_x_um, unit="um", nonzero=True)
+    info = checks.sample(sample)
+    uids = checks.uids("parent_uids", parent_uids)
+    user_md = checks.metadata(md)
+
+    if start is not None and stop is not None:
+        if not stop > start:
+            checks.fail(f"stop_deg ({stop}) must be greater than start_deg ({start})")
+        elif stop - start > 360.0:
+            checks.fail(f"stop_deg - start_deg must be at most 360 deg, got {stop - start}")
+        elif n_proj is not None:
+            last = start + (stop - start) * (n_proj - 1) / n_proj
+            low, high = stage.rotation.limits
+            if start < low or last > high:
+                checks.fail(
+                    f"projection angles [{start}, {last}] deg exceed the rotation limits [{low}, {high}] deg"
+                )
+    x0 = float(stage.x.position)
+    if offset is not None:
+        if abs(offset) < field_width_um:
+            checks.fail(
+                f"flat_offset_x_um ({offset}) must move the sample out of the field of view: "
+                f"|offset| >= the detector width {field_width_um} um"
+            )
+        low, high = stage.x.limits
+        if not low <= x0 + offset <= high:
+            checks.fail(
+                f"flat_offset_x_um ({offset}) moves x from {x0} to {x0 + offset} um, outside its limits [{low}, {high}] um"
+            )
+    checks.raise_if_any("tomo_scan")
+    return TomoScanRequest(
+        devices=devices,
+        num_projections=n_proj,  # type: ignore[arg-type]  # checked above
+        start_deg=start,  # type: ignore[arg-type]
+        stop_deg=stop,  # type: ignore[arg-type]
+        exposure_s=exposure,  # type: ignore[arg-type]
+        num_darks=darks,  # type: ignore[arg-type]
+        num_flats=flats,  # type: ignore[arg-type]
+        flat_offset_x_um=offset,  # type: ignore[arg-type]
+        sample=info,  # type: ignore[arg-type]
+        parent_uids=uids,
+        md=user_md,
+        initial_x_um=x0,
+        initial_rotation_deg=float(stage.rotation.position),
+    )
+
+
+def estimate_tomo_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
+    """Duration and data volume of ``tomo_scan(beamline, **kwargs)`` (validates the arguments first).
+
+    The duration adds the exposures, the rotation steps and the flat-field excursion at the
+    axes' velocities, the return to the start and the shutter actuations; the detector is taken
+    to read out during the next exposure (no dead time).
+
+    Raises
+    ------
+    PlanValidationError
+        As :func:`validate_tomo_scan`.
+    """
+    request = validate_tomo_scan(beamline, **kwargs)
+    return _estimate_tomo(request)
+
+
+def _estimate_tomo(request: TomoScanRequest) -> PlanEstimate:
+    stage, detector, shutter = request.devices.stage, request.devices.detector, request.devices.shutter
+    rotation_v = float(stage.rotation.velocity.get())
+    x_v = float(stage.x.velocity.get())
+    angles = request.angles_deg
+    motion_s = (
+        abs(angles[0] - request.initial_rotation_deg) / rotation_v
+        + abs(angles[-1] - angles[0]) / rotation_v
+        + abs(angles[-1] - request.initial_rotation_deg) / rotation_v
+        + 2 * abs(request.flat_offset_x_um) / x_v
+    )
+    shutter_s = 3 * float(shutter.actuation_time_s.get())  # close, open, close
+    duration_s = request.n_frames * request.exposure_s + motion_s + shutter_s
+    rows, cols = detector.frame_shape_px
+    frame_bytes = rows * cols * detector.frame_dtype.itemsize
+    return PlanEstimate(duration_s=duration_s, data_bytes=request.n_frames * frame_bytes, n_frames=request.n_frames)
+
+
+@dataclass(frozen=True)
+class MicrographRequest:
+    """Validated arguments of ``micrograph``."""
+
+    stage: MicroscopeStage
+    detector: MicroscopeDetector
+    instrument: str
+    facility: str
+    frame: str
+    stage_x_um: float
+    stage_y_um: float
+    exposure_s: float | None
+    sample: SampleInfo
+    parent_uids: tuple[str, ...]
+    md: dict[str, Any]
+
+
+def validate_micrograph(
+    microscope: Any,
+    *,
+    stage_x_um: Any,
+    stage_y_um: Any,
+    sample: Any,
+    exposure_s: Any = None,
+    parent_uids: Any = (),
+    md: Any = None,
+) -> MicrographRequest:
+    """Check the arguments of ``micrograph``: a ``Microscope``, target within the stage limits.
+
+    Raises
+    ------
+    PlanValidationError
+        Listing every problem found.
+    """
+    if not isinstance(microscope, Microscope):
+        raise PlanValidationError("micrograph", [f"microscope must be a Microscope, got {microscope!r}"])
+    checks = _Checks()
+    x = checks.number("stage_x_um", stage_x_um, unit="um")
+    y = checks.number("stage_y_um", stage_y_um, unit="um")
+    exposure = None if exposure_s is None else checks.number("exposure_s", exposure_s, unit="s", gt=0.0, le=MAX_EXPOSURE_S)
+    for name, value, axis in (("stage_x_um", x, microscope.stage.x), ("stage_y_um", y, microscope.stage.y)):
+        if value is not None:
+            low, high = axis.limits
+            if not low <= value <= high:
+                checks.fail(f"{name} ({value}) is outside the stage limits [{low}, {high}] um")
+    info = checks.sample(sample)
+    uids = checks.uids("parent_uids", parent_uids)
+    user_md = checks.metadata(md)
+    checks.raise_if_any("micrograph")
+    return MicrographRequest(
+        stage=microscope.stage,
+        detector=microscope.detector,
+        instrument=microscope.name,
+        facility=microscope.facility,
+        frame=microscope.frame,
+        stage_x_um=x,  # type: ignore[arg-type]  # checked above
+        stage_y_um=y,  # type: ignore[arg-type]
+        exposure_s=exposure,
+        sample=info,  # type: ignore[arg-type]
+        parent_uids=uids,
+        md=user_md,
+    )
+
+
+def estimate_micrograph(microscope: Any, **kwargs: Any) -> PlanEstimate:
+    """Duration and data volume of ``micrograph(microscope, **kwargs)`` (validates first)."""
+    request = validate_micrograph(microscope, **kwargs)
+    stage, detector = request.stage, request.detector
+    travel_s = max(
+        abs(request.stage_x_um - stage.x.position) / stage.x.velocity.get(),
+        abs(request.stage_y_um - stage.y.position) / stage.y.velocity.get(),
+    )
+    exposure_s = request.exposure_s if request.exposure_s is not None else float(detector.exposure_s.get())
+    rows, cols = detector.frame_shape_px
+    return PlanEstimate(
+        duration_s=travel_s + exposure_s, data_bytes=rows * cols * detector.frame_dtype.itemsize, n_frames=1
+    )
+
+
+def summarize_messages(plan: Iterable[Msg]) -> dict[str, Any]:
+    """Walk a plan without a RunEngine (no device is touched) and count what it would do.
+
+    Parameters
+    ----------
+    plan
+        A plan (generator of ``Msg``), e.g. ``tomo_scan(beamline, ...)``. Messages that expect a
+        reply get ``None``, as with ``list(plan)``; plans here read positions with defaults for
+        that case.
+
+    Returns
+    -------
+    dict
+        ``{"messages": {command: count}, "events": {stream: count}, "runs": n, "total": n}``:
+        messages by command, events per stream (``create`` messages by stream name), runs opened,
+        and the total number of messages.
+    """
+    commands: Counter[str] = Counter()
+    events: Counter[str] = Counter()
+    for msg in plan:
+        commands[msg.command] += 1
+        if msg.command == "create":
+            events[msg.kwargs.get("name", msg.args[0] if msg.args else "primary")] += 1
+    return {
+        "messages": dict(commands),
+        "events": dict(events),
+        "runs": commands.get("open_run", 0),
+        "total": sum(commands.values()),
+    }
