@@ -104,7 +104,9 @@ class SimulationSettings(_Section):
     )
     xray_detector_shape_px: tuple[int, int] = Field((32, 128), description="X-ray detector (rows, columns)")
     xray_pixel_size_um: float = Field(8.0, gt=0)
-    incident_photons: float = Field(2.0e4, gt=0, description="Flat-field photons per pixel per second of exposure")
+    incident_photons: float = Field(
+        2.0e5, gt=0, description="Flat-field photons per pixel per second of exposure (synchrotron-like flux)"
+    )
     microscope_image_shape_px: tuple[int, int] = Field((256, 256), description="Microscope image (rows, columns)")
     microscope_pixel_size_um: float = Field(3.0, gt=0)
 

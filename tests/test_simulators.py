@@ -417,7 +417,8 @@ def test_filtered_backprojection_of_simulated_scan_gives_back_the_phantom():
     px = model.pixel_size_um
     row = int(round(world.section_z_um / px + (rows - 1) / 2))
     rng = np.random.default_rng(6)
-    kw = {"y_um": 0.0, "z_um": 0.0, "exposure_s": 1.0, "rng": rng}
+    # ~1e4 photons per flat pixel whatever the configured flux: well inside the uint16 range.
+    kw = {"y_um": 0.0, "z_um": 0.0, "exposure_s": 1e4 / model.incident_photons_per_s, "rng": rng}
     dark = np.mean([xray_frame(phantom, model, angle_deg=0, x_um=0, shutter_open=False, **kw) for _ in range(4)], 0)
     flat = np.mean([xray_frame(phantom, model, angle_deg=0, x_um=1e5, shutter_open=True, **kw) for _ in range(8)], 0)
     angles = np.linspace(0.0, 180.0, 180, endpoint=False)

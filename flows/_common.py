@@ -1,0 +1,37 @@
+"""Small pieces every flow shares: settings resolution and flow-run names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from corrflow.settings import Settings, load_settings
+
+
+def flow_settings() -> Settings:
+    """Settings for a flow run, validated from the environment / YAML of the process running it.
+
+    A worker at another facility validates its own settings; the dashboard never sends them.
+    """
+    settings = load_settings()
+    settings.ensure_directories()
+    return settings
+
+
+def _sample_name(parameters: dict[str, Any]) -> str:
+    sample = parameters.get("sample")
+    if sample is None:
+        return "unknown-sample"
+    name = getattr(sample, "name", None) or (sample.get("name") if isinstance(sample, dict) else None)
+    return str(name or "unknown-sample")
+
+
+def run_name(stage: str) -> Callable[[], str]:
+    """A flow-run name factory: ``<sample> · <stage>`` so the dashboard says what and which sample."""
+
+    def _name() -> str:
+        from prefect.runtime import flow_run
+
+        return f"{_sample_name(flow_run.parameters)} · {stage}"
+
+    return _name

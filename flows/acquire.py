@@ -1,0 +1,159 @@
+"""Acquisition flows: run a bluesky plan on an instrument, catalogue it, export NeXus.
+
+The plain functions (:func:`run_tomography`, :func:`run_micrograph`, :func:`export_nxtomo`) do
+the work and are tested directly; the flows only wrap them for Prefect (names, retries, UI forms).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow
+
+from corrflow.catalog import external_file_paths, open_catalog, tiled_writer
+from corrflow.devices.beamline import Beamline, build_beamline
+from corrflow.devices.sem import build_microscope
+from corrflow.flows._common import flow_settings, run_name
+from corrflow.flows.models import AcquisitionResult, MicrographParameters, Sample, TomographyParameters
+from corrflow.nexus import write_nxtomo
+from corrflow.plans.metadata import SampleInfo
+from corrflow.plans.microscopy import micrograph
+from corrflow.plans.tomography import tomo_scan
+from corrflow.runengine import EventCounter, make_run_engine
+from corrflow.settings import Settings
+from corrflow.simulators.world import SimulatedWorld
+
+IMAGE_KEYS = {"dark": 2, "flat": 1, "primary": 0}
+
+
+class AcquisitionError(RuntimeError):
+    """The plan did not finish successfully; the message holds the run's exit status and reason."""
+
+
+def _scan_directory(root: Path, sample: Sample, kind: str) -> Path:
+    # Unique per attempt, so a re-run never writes into (or over) an earlier run's files.
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return root / sample.proposal / sample.name / f"{kind}_{stamp}_{uuid.uuid4().hex[:6]}"
+
+
+def _sample_info(sample: Sample) -> SampleInfo:
+    return SampleInfo(
+        sample_name=sample.name, proposal=sample.proposal, user=sample.user, description=sample.description
+    )
+
+
+def _check_success(run: Any) -> None:
+    stop = run.metadata.get("stop") or {}
+    if stop.get("exit_status") != "success":
+        raise AcquisitionError(
+            f"run {run.metadata['start']['uid']} ended with exit_status={stop.get('exit_status')!r}: "
+            f"{stop.get('reason', 'no stop document')}"
+        )
+
+
+def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
+    """Write a catalogued tomography run as NeXus NXtomo, reading every frame back through Tiled.
+
+    Streams ``dark``, ``flat`` and ``primary`` become image_key 2, 1 and 0, in that order.
+    """
+    image_key_name = f"{beamline.detector.name}_image"
+    axes = {axis: getattr(beamline.stage, axis).name for axis in ("rotation", "x", "y", "z")}
+    frames, keys, columns = [], [], {axis: [] for axis in axes}
+    for stream, key in IMAGE_KEYS.items():
+        data = run[stream]
+        images = np.asarray(data[image_key_name].read())
+        frames.append(images)
+        keys.append(np.full(len(images), key, dtype=np.int32))
+        for axis, field in axes.items():
+            columns[axis].append(np.asarray(data[field].read(), dtype=np.float64))
+    start = run.metadata["start"]
+    parameters = start.get("settings", {}).get("parameters", {})
+    return write_nxtomo(
+        path,
+        data=np.concatenate(frames),
+        image_key=np.concatenate(keys),
+        rotation_angle_deg=np.concatenate(columns["rotation"]),
+        x_translation_um=np.concatenate(columns["x"]),
+        y_translation_um=np.concatenate(columns["y"]),
+        z_translation_um=np.concatenate(columns["z"]),
+        pixel_size_um=float(beamline.detector.pixel_size_um.get()),
+        distance_mm=float(beamline.detector.distance_mm.get()),
+        energy_keV=float(beamline.detector.energy_keV.get()),
+        count_time_s=float(parameters["exposure_s"]),
+        sample_name=start["identification"]["sample_name"],
+        title=f"{start['identification']['sample_name']} tomography ({start['uid']})",
+        metadata={k: start.get(k, {}) for k in ("identification", "references", "settings")} | {"run_uid": start["uid"]},
+    )
+
+
+def run_tomography(settings: Settings, sample: Sample, parameters: TomographyParameters) -> AcquisitionResult:
+    """Run a tomography scan on the beamline, catalogue it, and export the raw scan as NXtomo.
+
+    The plan is validated when it is built, before the RunEngine starts: bad parameters raise
+    ``PlanValidationError`` with nothing moved and nothing written.
+    """
+    world = SimulatedWorld(settings.simulation)
+    scan_dir = _scan_directory(settings.beamline_storage, sample, "tomo")
+    beamline = build_beamline(settings, world, data_dir=scan_dir)
+    plan = tomo_scan(
+        beamline,
+        num_projections=parameters.num_projections,
+        start_deg=parameters.start_deg,
+        stop_deg=parameters.stop_deg,
+        exposure_s=parameters.exposure_s,
+        num_darks=parameters.num_darks,
+        num_flats=parameters.num_flats,
+        flat_offset_x_um=parameters.flat_offset_x_um,
+        sample=_sample_info(sample),
+    )
+    with open_catalog(settings) as client:
+        engine = make_run_engine(
+            tiled_writer(client, settings), EventCounter("tomography (projections)", parameters.num_projections)
+        )
+        (uid,) = engine(plan)
+        run = client[uid]
+        _check_success(run)
+        nexus = export_nxtomo(run, beamline, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
+        files = (*external_file_paths(run), nexus)
+    return AcquisitionResult(run_uid=uid, instrument=beamline.name, files=files, nexus_path=nexus)
+
+
+def run_micrograph(settings: Settings, sample: Sample, parameters: MicrographParameters) -> AcquisitionResult:
+    """Image the sectioned sample on the microscope at the requested stage position and catalogue it."""
+    world = SimulatedWorld(settings.simulation)
+    scan_dir = _scan_directory(settings.microscope_storage, sample, "sem")
+    microscope = build_microscope(settings, world, data_dir=scan_dir)
+    plan = micrograph(
+        microscope, stage_x_um=parameters.stage_x_um, stage_y_um=parameters.stage_y_um, sample=_sample_info(sample)
+    )
+    with open_catalog(settings) as client:
+        engine = make_run_engine(tiled_writer(client, settings), EventCounter("micrograph", 1))
+        (uid,) = engine(plan)
+        run = client[uid]
+        _check_success(run)
+        files = tuple(external_file_paths(run))
+    return AcquisitionResult(run_uid=uid, instrument=microscope.name, files=files)
+
+
+@flow(name="acquire-tomography", flow_run_name=run_name("acquire tomography"), log_prints=True)
+def acquire_tomography(
+    sample: Sample = Sample(), parameters: TomographyParameters = TomographyParameters()
+) -> AcquisitionResult:
+    """Tomography on the beamline: darks, flats, projections; catalogued in Tiled, exported as NXtomo."""
+    result = run_tomography(flow_settings(), sample, parameters)
+    print(f"run {result.run_uid}: {len(result.files)} files, NXtomo {result.nexus_path}")
+    return result
+
+
+@flow(name="acquire-micrograph", flow_run_name=run_name("acquire micrograph"), log_prints=True)
+def acquire_micrograph(
+    sample: Sample = Sample(), parameters: MicrographParameters = MicrographParameters()
+) -> AcquisitionResult:
+    """One micrograph of the sectioned sample on the microscope, catalogued in Tiled."""
+    result = run_micrograph(flow_settings(), sample, parameters)
+    print(f"run {result.run_uid}: {result.files[0]}")
+    return result
