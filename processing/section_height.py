@@ -2,10 +2,11 @@
 
 A micrograph registered in-plane to a reconstructed slice fixes x, y, rotation and scale, but the
 slice search only fixes the plane's height to the nearest voxel. The similarity between the
-registered micrograph and the slices around that height peaks at the true height; a parabola
-through the peak and its two neighbours gives it to a fraction of a voxel.
+registered micrograph and the volume around that height peaks at the true height; searching it
+on a fine grid of heights, with the volume interpolated between slices, gives the height to a
+fraction of a voxel.
 
-The similarity is a rank (Spearman) correlation inside the sample: the two modalities map
+The similarity is a rank (Spearman) correlation inside the sample (see :func:`sample_support`): the two modalities map
 materials to grey levels differently (fiducials are 30x the matrix in X-ray attenuation, 2x in
 backscatter), and a plain correlation is then dominated by whichever image has the extreme values,
 and by the sample's outline, which is the same in every slice. Ranks only assume that the order
@@ -68,24 +69,38 @@ def rank_correlation(a: NDArray[np.floating], b: NDArray[np.floating], *, mask: 
     return normalized_cross_correlation(ra, rb, mask=np.ones(ra.shape, dtype=bool))
 
 
-def sample_support(image: NDArray[np.floating], *, erosion_px: int = 3) -> NDArray[np.bool_]:
-    """Pixels inside the sample: Otsu threshold of the smoothed image, holes filled, eroded.
+def sample_support(slices_mean: NDArray[np.floating], *, erosion_px: int = 3) -> NDArray[np.bool_]:
+    """Pixels inside the sample, from the (smoothed) mean of the volume's slices.
 
-    Pores are dark like the surroundings, so holes are filled; the erosion keeps the sample's
-    outline, identical in every slice, out of the comparison.
+    The sample is where the attenuation exceeds half of its typical level (the median of the upper
+    half of the values): this holds whether or not vacuum is in view, unlike a two-class split,
+    which on an all-sample image separates the dense inclusions instead. Pores are filled; the
+    erosion keeps the sample's outline, identical in every slice, out of the comparison.
     """
-    from skimage.filters import threshold_otsu
-
-    finite = np.isfinite(image)
-    smooth = ndimage.gaussian_filter(np.where(finite, image, np.nanmedian(image)), 1.5)
-    inside = ndimage.binary_fill_holes(smooth > threshold_otsu(smooth[finite])) & finite
+    values = slices_mean[np.isfinite(slices_mean)]
+    if values.size == 0:
+        return np.zeros(slices_mean.shape, dtype=bool)
+    typical = np.median(values[values >= np.median(values)])
+    inside = ndimage.binary_fill_holes(np.nan_to_num(slices_mean, nan=-np.inf) > 0.5 * typical)
     return ndimage.binary_erosion(inside, iterations=erosion_px) if erosion_px else inside
+
+
+def _bandpass(image: NDArray[np.floating], low_sigma: float, high_sigma: float) -> NDArray[np.float32]:
+    """Difference of Gaussians; NaNs (outside a field of view) are filled with the mean first."""
+    finite = np.isfinite(image)
+    filled = np.where(finite, image, np.mean(image[finite]) if finite.any() else 0.0).astype(np.float32)
+    smooth = ndimage.gaussian_filter(filled, low_sigma) if low_sigma > 0 else filled
+    return smooth - ndimage.gaussian_filter(filled, high_sigma)
 
 
 def estimate_section_height(
     registered_image: NDArray[np.floating],
     slices: NDArray[np.floating],
     z_um: NDArray[np.floating],
+    *,
+    refine_steps: int = 8,
+    fit_half_width_voxels: float = 2.0,
+    bandpass_voxels: tuple[float, float] = (0.6, 3.0),
 ) -> SectionHeight:
     """Height of the plane imaged by ``registered_image`` among ``slices``.
 
@@ -97,12 +112,22 @@ def estimate_section_height(
         Consecutive slices of the volume around the expected height.
     z_um : ndarray, shape (n_slices,)
         Height of each slice (um), equally spaced.
+    refine_steps : int
+        Sub-voxel steps per voxel of the continuous refinement.
+    fit_half_width_voxels : float
+        Half-width (voxels) of the height range around the coarse peak that the parabola is fitted to.
+    bandpass_voxels : (float, float)
+        In-plane difference-of-Gaussians band-pass (sigmas in voxels) applied to the image and the
+        slices first. The low cut removes reconstruction noise (white at the voxel scale); the high
+        cut removes what does not depend on height but would dominate a rank correlation of smooth
+        images: shading across the micrograph and slow trends across the sample.
 
     Returns
     -------
     SectionHeight
-        Parabolic sub-voxel peak of the correlation; at the ends of the window the peak slice's
-        own height is returned (the true plane may lie outside: widen the window).
+        Peak of the correlation, refined continuously between the neighbouring slices; at the ends
+        of the window the peak slice's own height is returned (the true plane may lie outside:
+        widen the window).
 
     Raises
     ------
@@ -117,20 +142,39 @@ def estimate_section_height(
         raise ValueError(f"need >= 3 slices with one height each, got {slices.shape[0]} slices, {z.shape} heights")
     if np.isfinite(registered_image).sum() < 16:
         raise ValueError("the registered image does not overlap the slices")
-    mask = sample_support(registered_image)
+    mask = sample_support(slices.mean(axis=0)) & np.isfinite(registered_image)
+    registered_image = _bandpass(registered_image, *bandpass_voxels)
+    slices = np.stack([_bandpass(s, *bandpass_voxels) for s in slices])
     if mask.sum() < 16:
         raise ValueError("the registered image shows no sample to compare (support after erosion is empty)")
     scores = np.array([rank_correlation(registered_image, s, mask=mask) for s in slices])
     if not np.isfinite(scores).any():
         raise ValueError("no slice correlates with the registered image (flat images)")
     k = int(np.nanargmax(scores))
-    z_est = z[k]
-    if 0 < k < len(z) - 1 and np.all(np.isfinite(scores[k - 1 : k + 2])):
-        left, centre, right = scores[k - 1 : k + 2]
-        curvature = left - 2 * centre + right
-        if curvature < 0:
-            offset = 0.5 * (left - right) / curvature  # vertex of the parabola, in slices
-            z_est = z[k] + float(np.clip(offset, -0.5, 0.5)) * (z[1] - z[0])
+    z_est = float(z[k])
+    # Continuous refinement over +-fit_half_width_voxels around the coarse peak (inside the window):
+    # the volume between slice centres by linear interpolation (a voxel averages its slab), the
+    # correlation on a grid of 1/refine_steps voxel. The peak is flat-topped (features cut near
+    # their middle change only to second order), so its argmax wanders with noise; the vertex of a
+    # least-squares parabola through the whole curve uses every sample and is the stable estimate.
+    lo = max(0.0, k - fit_half_width_voxels)
+    hi = min(len(z) - 1.0, k + fit_half_width_voxels)
+    positions = np.arange(lo, hi + 1e-9, 1.0 / refine_steps)
+    if positions.size >= 3:
+        fine = []
+        for p in positions:
+            j = min(int(np.floor(p)), len(z) - 2)
+            w = p - j
+            fine.append(rank_correlation(registered_image, (1.0 - w) * slices[j] + w * slices[j + 1], mask=mask))
+        fine = np.asarray(fine)
+        ok = np.isfinite(fine)
+        if ok.sum() >= 3:
+            a, b, _ = np.polyfit(positions[ok] - k, fine[ok], 2)
+            if a < 0:
+                offset = float(np.clip(-b / (2 * a), lo - k, hi - k))
+            else:
+                offset = float(positions[ok][int(np.argmax(fine[ok]))] - k)
+            z_est = float(z[k] + offset * (z[1] - z[0]))
     return SectionHeight(z_um=float(z_est), peak_index=k, similarity=scores)
 
 
@@ -144,8 +188,13 @@ def micrograph_on_slice_grid(
     slice_shape: tuple[int, int],
     voxel_size_um: float,
     slice_z_um: float,
+    antialias: bool = True,
 ) -> NDArray[np.float32]:
     """Resample a micrograph onto a reconstruction slice's grid through ``sample_from_microscope``.
+
+    With ``antialias`` (default), a micrograph finer than the voxels is first smoothed with a
+    Gaussian of sigma = half a voxel (in micrograph pixels), so each output value represents the
+    voxel's area as the reconstruction does, rather than one noisy point.
 
     Slice pixel ``[iy, ix]`` is the sample point ``((ix-(n-1)/2) v, (iy-(n-1)/2) v, slice_z_um)``;
     it is mapped into the microscope stage frame with the inverse transform and interpolated
@@ -164,5 +213,10 @@ def micrograph_on_slice_grid(
     rows, cols = micrograph.shape
     col = (stage[:, 0] - stage_x_um) / micrograph_pixel_size_um + (cols - 1) / 2
     row = (stage[:, 1] - stage_y_um) / micrograph_pixel_size_um + (rows - 1) / 2
-    values = ndimage.map_coordinates(micrograph.astype(np.float32), [row, col], order=1, cval=np.nan)
+    image = micrograph.astype(np.float32)
+    scale = float(np.sqrt(abs(np.linalg.det(np.asarray(sample_from_microscope)[:2, :2]))))
+    sigma_px = 0.5 * voxel_size_um / (micrograph_pixel_size_um * scale)
+    if antialias and sigma_px > 0.5:
+        image = ndimage.gaussian_filter(image, sigma_px)
+    values = ndimage.map_coordinates(image, [row, col], order=1, cval=np.nan)
     return values.reshape(ny, nx).astype(np.float32)

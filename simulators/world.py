@@ -101,7 +101,10 @@ class SimulatedWorld:
             seed=self.seed,
         )
         self.heater = HeaterModel()
+        # Detector noise and sensor noise draw from separate streams: how often a heater is polled
+        # depends on thread timing, and must not change the frames a seeded dry-run produces.
         self.rng = np.random.default_rng(np.random.SeedSequence([self.seed, 99]))
+        self._sensor_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 101]))
         # Build (and cache) the room-temperature sample now: an invalid layout fails at start-up.
         self.phantom()
 
@@ -139,7 +142,7 @@ class SimulatedWorld:
         """Thermocouple reading now: true temperature plus sensor noise (K)."""
         with self._lock:
             self.advance_to_now()
-            return self.heater.measure(self.rng)
+            return self.heater.measure(self._sensor_rng)
 
     # -- sample -------------------------------------------------------------------------------------
     def phantom(self) -> Phantom:

@@ -72,9 +72,13 @@ def test_rotation_centre_is_found_to_a_fraction_of_a_pixel(experiment):
 
 
 def test_registration_recovers_the_true_microscope_transform(experiment):
-    """Bound: fiducial centroids in an 8 um-voxel reconstruction are good to ~0.1 voxel (0.8 um); a
-    least-squares fit over 7 of them and a sub-voxel height fit give ~1 um over the field of view.
-    We require <= 2 um RMS (a quarter voxel), rotation <= 0.05 deg, scale <= 0.1 %."""
+    """Bound: in-plane, fiducial centroids in an 8 um-voxel reconstruction are good to ~0.1 voxel
+    and a least-squares fit over >= 5 of them is good to ~0.5 um over the field of view (rotation
+    ~0.005 deg, scale ~0.05 %). The section height comes from the band-passed rank correlation of the
+    micrograph with the volume around it; over 12 micrograph noise realisations it came out at
+    20.1-20.9 um (true 20 um) and the total error at 0.72-1.14 um RMS. We require <= 2 um RMS
+    (a quarter voxel), rotation <= 0.05 deg, scale <= 0.1 %; a one-voxel height slip (8 um) or a
+    0.1 deg rotation error fails."""
     err = experiment["registration_error"]
     assert experiment["registration"]["n_matches"] >= 5
     assert err["rms_um"] <= 2.0, err
