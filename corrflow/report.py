@@ -43,14 +43,17 @@ def write_report(
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.5), constrained_layout=True)
     fig.suptitle(title, fontsize=13)
 
+    # Display range from the slice itself: the dense fiducials (~30x the matrix) would otherwise
+    # squeeze the matrix, pores and precipitates into a few grey levels.
+    vmin, vmax = np.percentile(volume_slice[np.isfinite(volume_slice)], [1.0, 99.0])
     ax = axes[0, 0]
-    im = ax.imshow(volume_slice, origin="lower", cmap="gray", extent=extent)
+    im = ax.imshow(volume_slice, origin="lower", cmap="gray", extent=extent, vmin=vmin, vmax=vmax)
     fig.colorbar(im, ax=ax, label="mu (1/mm)")
     ax.set(title="reconstruction at the sectioned plane", xlabel="x (um)", ylabel="y (um)")
 
     ax = axes[0, 1]
     if truth_slice is not None:
-        im = ax.imshow(truth_slice, origin="lower", cmap="gray", extent=extent, vmin=im.get_clim()[0], vmax=im.get_clim()[1])
+        im = ax.imshow(truth_slice, origin="lower", cmap="gray", extent=extent, vmin=vmin, vmax=vmax)
         fig.colorbar(im, ax=ax, label="mu (1/mm)")
         ax.set(title="phantom (ground truth)", xlabel="x (um)", ylabel="y (um)")
     else:
@@ -58,7 +61,7 @@ def write_report(
 
     ax = axes[0, 2]
     nz = vertical_slice.shape[0]
-    ax.imshow(vertical_slice, origin="lower", cmap="gray", extent=(-half_x, half_x, -(nz - 1) / 2 * voxel_size_um, (nz - 1) / 2 * voxel_size_um))
+    ax.imshow(vertical_slice, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, extent=(-half_x, half_x, -(nz - 1) / 2 * voxel_size_um, (nz - 1) / 2 * voxel_size_um))
     ax.set(title="vertical section (y = 0)", xlabel="x (um)", ylabel="z (um)")
 
     ax = axes[1, 0]

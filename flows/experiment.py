@@ -173,7 +173,7 @@ def summarize(
         micrograph_on_slice=overlay,
         voxel_size_um=voxel,
         micrograph_pixel_size_um=image.pixel_size_um,
-        matched_fiducials_um=None,
+        matched_fiducials_um=np.asarray(registration.matched_fiducials_um, dtype=np.float64).reshape(-1, 2),
         lines=lines,
     )
     summary["report_png"] = str(report_path)

@@ -95,3 +95,6 @@ class RegistrationSummary(_Model):
     n_matches: int
     slice_index: int
     section_z_um: float
+    matched_fiducials_um: list[tuple[float, float]] = Field(
+        default_factory=list, description="Matched fiducial centres in the sample frame (x, y), um"
+    )

@@ -156,4 +156,5 @@ def register(
         n_matches=fit.n_matches,
         slice_index=registration.slice_index,
         section_z_um=registration.section_z_um,
+        matched_fiducials_um=[(float(x), float(y)) for x, y in fit.sample_points_um],
     )
