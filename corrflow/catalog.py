@@ -4,14 +4,18 @@ Embedded default: an in-process Tiled app over SQLite under ``<data_root>/catalo
 no server to start). Production: a Tiled server (``settings.catalog.url`` + API key), e.g. one
 started with ``tiled serve config`` on the file :func:`catalog_config` describes.
 
-The same configuration serves both, so a run written in-process reads back the same way from a
-server: as a Tiled ``BlueskyRun`` and through databroker's v1 API (``client.v1[uid]``).
+Layout: ``/runs`` is a catalog of Bluesky runs (what ``TiledWriter`` writes and databroker's v1
+API reads: ``catalog.runs.v1[uid]``); ``/processed`` holds products (reconstructed volumes, ...)
+registered in place as external HDF5, each with its provenance and the uids of the runs it came
+from. The same configuration serves both modes, so a run written in-process reads back the
+same way from a server.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +60,6 @@ def catalog_config(settings: Settings) -> dict[str, Any]:
                     ],
                     "readable_storage": readable,
                     "init_if_not_exists": True,
-                    "specs": BLUESKY_CATALOG_SPECS,
                 },
             }
         ],
@@ -64,9 +67,36 @@ def catalog_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+RUNS_KEY = "runs"
+PROCESSED_KEY = "processed"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Clients for the catalog's root and its two containers."""
+
+    root: Container
+    runs: Container  # CatalogOfBlueskyRuns: runs by uid, ``.v1`` for databroker
+    processed: Container  # products registered with provenance
+
+
+def _child(root: Container, key: str, specs: list[dict[str, str]] | None) -> Container:
+    """The container ``key`` under ``root``, created on first use (safe if two processes race)."""
+    from tiled.client.utils import ClientError
+    from tiled.structures.core import Spec
+
+    if key not in root:
+        try:
+            root.create_container(key, specs=[Spec(**s) for s in specs or []])
+        except ClientError:
+            if key not in root:  # not a lost race with another writer: a real error
+                raise
+    return root[key]
+
+
 @contextlib.contextmanager
-def open_catalog(settings: Settings) -> Iterator[Container]:
-    """Yield a Tiled client for the catalog; closes what it opened on exit.
+def open_catalog(settings: Settings) -> Iterator[Catalog]:
+    """Yield the catalog's clients; closes what it opened on exit.
 
     With ``settings.catalog.url`` set, connects to that server (with the API key, if any);
     otherwise serves the embedded SQLite catalog in-process (~6 s to ready, mostly imports).
@@ -74,11 +104,11 @@ def open_catalog(settings: Settings) -> Iterator[Container]:
     from tiled.client import from_context, from_uri
 
     if settings.catalog.url:
-        client = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+        root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
         try:
-            yield client
+            yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
         finally:
-            client.context.close()
+            root.context.close()
         return
 
     from tiled.client.context import Context
@@ -89,9 +119,22 @@ def open_catalog(settings: Settings) -> Iterator[Container]:
     app = build_app_from_config(catalog_config(settings))
     context = Context.from_app(app)
     try:
-        yield from_context(context)
+        root = from_context(context)
+        yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
     finally:
         context.close()
+
+
+def register_product(
+    catalog: Catalog, path: Path, *, key: str, dataset: str, metadata: dict[str, Any]
+) -> Container:
+    """Register an HDF5 product in place (external asset) under ``/processed/<key>`` with its metadata.
+
+    Call it only after the file is complete and verified: the catalog never lists a partial product.
+    """
+    return catalog.processed.register(
+        Path(path).absolute(), key=key, mimetype="application/x-hdf5", parameters={"dataset": dataset}, metadata=metadata
+    )
 
 
 def tiled_writer(client: Container, settings: Settings):

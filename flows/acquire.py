@@ -110,12 +110,12 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomographyPar
         flat_offset_x_um=parameters.flat_offset_x_um,
         sample=_sample_info(sample),
     )
-    with open_catalog(settings) as client:
+    with open_catalog(settings) as catalog:
         engine = make_run_engine(
-            tiled_writer(client, settings), EventCounter("tomography (projections)", parameters.num_projections)
+            tiled_writer(catalog.runs, settings), EventCounter("tomography (projections)", parameters.num_projections)
         )
         (uid,) = engine(plan)
-        run = client[uid]
+        run = catalog.runs[uid]
         _check_success(run)
         nexus = export_nxtomo(run, beamline, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
         files = (*external_file_paths(run), nexus)
@@ -130,10 +130,10 @@ def run_micrograph(settings: Settings, sample: Sample, parameters: MicrographPar
     plan = micrograph(
         microscope, stage_x_um=parameters.stage_x_um, stage_y_um=parameters.stage_y_um, sample=_sample_info(sample)
     )
-    with open_catalog(settings) as client:
-        engine = make_run_engine(tiled_writer(client, settings), EventCounter("micrograph", 1))
+    with open_catalog(settings) as catalog:
+        engine = make_run_engine(tiled_writer(catalog.runs, settings), EventCounter("micrograph", 1))
         (uid,) = engine(plan)
-        run = client[uid]
+        run = catalog.runs[uid]
         _check_success(run)
         files = tuple(external_file_paths(run))
     return AcquisitionResult(run_uid=uid, instrument=microscope.name, files=files)

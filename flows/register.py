@@ -36,8 +36,8 @@ class Micrograph:
 
 def load_micrograph(settings: Settings, run_uid: str) -> Micrograph:
     """The image and its geometry (pixel size, stage position at the image centre) from the catalog."""
-    with open_catalog(settings) as client:
-        run = client[run_uid]
+    with open_catalog(settings) as catalog:
+        run = catalog.runs[run_uid]
         primary = run["primary"]
         keys = list(primary)
         image_key = next(k for k in keys if k.endswith("_image"))

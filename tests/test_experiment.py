@@ -93,15 +93,15 @@ def test_raw_run_reads_back_through_tiled_and_databroker(experiment, data_root):
     with h5py.File(experiment["raw_nxtomo_path"], "r") as nx:
         keys = nx["/entry/instrument/detector/image_key"][()]
         raw_projections = nx["/entry/instrument/detector/data"][keys == 0]
-    with open_catalog(load_settings()) as client:
-        run = client[uid]
+    with open_catalog(load_settings()) as catalog:
+        run = catalog.runs[uid]
         start = run.metadata["start"]
         assert start["identification"]["sample_name"] == "spine-test-01"
         assert {"identification", "references", "settings"} <= set(start)
         assert run.metadata["stop"]["exit_status"] == "success"
         projections = np.asarray(run["primary"]["xray_detector_image"].read())
         np.testing.assert_array_equal(projections, raw_projections)
-        header = client.v1[uid]
+        header = catalog.runs.v1[uid]
         table = header.table("primary")
         assert len(table) == len(raw_projections)
         np.testing.assert_allclose(table["sample_stage_rotation"].to_numpy(), np.linspace(0, 180, 180, endpoint=False), atol=1e-6)
@@ -120,6 +120,20 @@ def test_volume_carries_provenance_of_its_verified_input(experiment):
     assert record["input_sha256"] == nexus_entry["sha256"] == sha256_file(Path(record["input_file"]))
     assert record["parameters"]["filter_name"] == "shepp-logan"
     assert "corrflow" in record["software"]
+
+
+def test_volume_is_catalogued_with_provenance_and_reads_back(experiment):
+    from corrflow.catalog import open_catalog
+
+    uid = experiment["run_uids"]["tomography"]
+    with h5py.File(experiment["volume_path"], "r") as f:
+        on_disk = f["/entry/data/data"][16]
+    with open_catalog(load_settings()) as catalog:
+        node = catalog.processed[f"{uid}-volume"]
+        assert node.metadata["parent_run_uids"] == [uid]
+        assert node.metadata["provenance"]["input_run_uid"] == uid
+        assert node.metadata["units"] == "1/mm"
+        np.testing.assert_array_equal(node[16], on_disk)
 
 
 def test_flow_run_names_say_sample_and_stage(experiment):
