@@ -1,8 +1,9 @@
 """Reconstruct an NXtomo file into a volume file, chunk by chunk, with provenance.
 
-Reads the raw NXtomo in slabs of detector rows, so memory stays bounded by
-``n_projections * chunk_rows * n_cols`` float32 (plus the flats/darks means and one output slab),
-whatever the size of the scan. The volume is written as NeXus ``NXdata`` (``/entry/data/data``,
+Reads the raw NXtomo in slabs of detector rows, so memory stays bounded by a few copies of one
+slab of ``n_projections * chunk_rows * n_cols`` float32, plus the flat and dark means
+(``2 * rows * cols`` float32), one output slab (``chunk_rows * cols**2`` float32) and a 1 MiB hash
+buffer, whatever the size of the scan (tests/test_volume.py measures it). The volume is written as NeXus ``NXdata`` (``/entry/data/data``,
 axes ``z, y, x``, mu in 1/mm) under a temporary name and renamed only when complete, so a
 half-written volume never looks finished.
 """
@@ -28,6 +29,7 @@ from corrflow.processing.normalize import line_integrals, reference_field
 from corrflow.transfer import sha256_file
 
 IMAGE_KEY_PROJECTION, IMAGE_KEY_FLAT, IMAGE_KEY_DARK = 0, 1, 2
+HASH_CHUNK_BYTES = 1 << 20  # hashing the input is I/O bound: a small buffer costs no speed
 _LENGTH_TO_UM = {"um": 1.0, "micrometer": 1.0, "micron": 1.0, "mm": 1e3, "millimeter": 1e3, "m": 1e6, "meter": 1e6}
 
 
@@ -105,7 +107,7 @@ def reconstruct_nxtomo(
     if output_path.exists():
         raise FileExistsError(f"{output_path} exists: a reconstruction is never overwritten")
     start = time.perf_counter()
-    input_sha256 = sha256_file(nxtomo_path)
+    input_sha256 = sha256_file(nxtomo_path, chunk_bytes=HASH_CHUNK_BYTES)
     with h5py.File(nxtomo_path, "r") as raw:
         try:
             data = raw["/entry/instrument/detector/data"]
@@ -152,44 +154,28 @@ def reconstruct_nxtomo(
         partial.parent.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             partial.unlink()  # a previous attempt died mid-write; it was never a finished product
-        with h5py.File(partial, "w-") as out:
-            entry = out.create_group("entry")
-            entry.attrs["NX_class"] = "NXentry"
-            nxdata = entry.create_group("data")
-            nxdata.attrs.update({"NX_class": "NXdata", "signal": "data", "axes": ["z", "y", "x"]})
-            volume = nxdata.create_dataset(
-                "data", shape=(n_rows, n_cols, n_cols), dtype="float32", chunks=(1, n_cols, n_cols)
-            )
-            volume.attrs.update({"units": "1/mm", "long_name": "linear attenuation coefficient"})
-            for axis, n in (("z", n_rows), ("y", n_cols), ("x", n_cols)):
-                coords = nxdata.create_dataset(axis, data=((np.arange(n) - (n - 1) / 2) * pixel_size_um).astype("float32"))
-                coords.attrs["units"] = "um"
-            for r0 in range(0, n_rows, chunk_rows):
-                r1 = min(n_rows, r0 + chunk_rows)
-                volume[r0:r1] = fbp_volume(
-                    slab(r0, r1), angles_deg, center_px=center_px, filter_name=filter_name, pixel_size_um=pixel_size_um
-                )
-                if progress is not None:
-                    progress(r1, n_rows)
-            record = {
-                "input_file": str(nxtomo_path),
-                "input_sha256": input_sha256,
-                "parameters": {
-                    "filter_name": filter_name,
-                    "center_px": center_px,
-                    "chunk_rows": chunk_rows,
-                    "voxel_size_um": pixel_size_um,
-                    "n_projections": int(proj_idx.size),
+        try:
+            _write_volume(
+                partial, slab, n_rows=n_rows, n_cols=n_cols, pixel_size_um=pixel_size_um, angles_deg=angles_deg,
+                center_px=center_px, filter_name=filter_name, chunk_rows=chunk_rows, progress=progress,
+                record={
+                    "input_file": str(nxtomo_path),
+                    "input_sha256": input_sha256,
+                    "parameters": {
+                        "filter_name": filter_name,
+                        "center_px": center_px,
+                        "chunk_rows": chunk_rows,
+                        "voxel_size_um": pixel_size_um,
+                        "n_projections": int(proj_idx.size),
+                    },
+                    "software": software_versions(),
+                    "created": datetime.now(timezone.utc).isoformat(),
+                    **(provenance or {}),
                 },
-                "software": software_versions(),
-                "created": datetime.now(timezone.utc).isoformat(),
-                **(provenance or {}),
-            }
-            process = entry.create_group("process")
-            process.attrs["NX_class"] = "NXprocess"
-            process.create_dataset("program", data="corrflow reconstruct (FBP)")
-            process.create_dataset("version", data=corrflow.__version__)
-            process.create_dataset("provenance", data=json.dumps(record))
+            )
+        except BaseException:
+            partial.unlink(missing_ok=True)  # never leave a half-written volume behind
+            raise
     os.replace(partial, output_path)
     return VolumeProduct(
         path=output_path,
@@ -199,6 +185,47 @@ def reconstruct_nxtomo(
         input_sha256=input_sha256,
         seconds=time.perf_counter() - start,
     )
+
+
+def _write_volume(
+    partial: Path,
+    slab: Callable[[int, int], np.ndarray],
+    *,
+    n_rows: int,
+    n_cols: int,
+    pixel_size_um: float,
+    angles_deg: np.ndarray,
+    center_px: float,
+    filter_name: str,
+    chunk_rows: int,
+    progress: Callable[[int, int], None] | None,
+    record: dict[str, Any],
+) -> None:
+    """Write the NXdata volume slab by slab, then the provenance record."""
+    with h5py.File(partial, "w-") as out:
+        entry = out.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        nxdata = entry.create_group("data")
+        nxdata.attrs.update({"NX_class": "NXdata", "signal": "data", "axes": ["z", "y", "x"]})
+        volume = nxdata.create_dataset(
+            "data", shape=(n_rows, n_cols, n_cols), dtype="float32", chunks=(1, n_cols, n_cols)
+        )
+        volume.attrs.update({"units": "1/mm", "long_name": "linear attenuation coefficient"})
+        for axis, n in (("z", n_rows), ("y", n_cols), ("x", n_cols)):
+            coords = nxdata.create_dataset(axis, data=((np.arange(n) - (n - 1) / 2) * pixel_size_um).astype("float32"))
+            coords.attrs["units"] = "um"
+        for r0 in range(0, n_rows, chunk_rows):
+            r1 = min(n_rows, r0 + chunk_rows)
+            volume[r0:r1] = fbp_volume(
+                slab(r0, r1), angles_deg, center_px=center_px, filter_name=filter_name, pixel_size_um=pixel_size_um
+            )
+            if progress is not None:
+                progress(r1, n_rows)
+        process = entry.create_group("process")
+        process.attrs["NX_class"] = "NXprocess"
+        process.create_dataset("program", data="corrflow reconstruct (FBP)")
+        process.create_dataset("version", data=corrflow.__version__)
+        process.create_dataset("provenance", data=json.dumps(record))
 
 
 def read_provenance(volume_path: Path) -> dict[str, Any]:
