@@ -99,17 +99,8 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomographyPar
     world = SimulatedWorld(settings.simulation)
     scan_dir = _scan_directory(settings.beamline_storage, sample, "tomo")
     beamline = build_beamline(settings, world, data_dir=scan_dir)
-    plan = tomo_scan(
-        beamline,
-        num_projections=parameters.num_projections,
-        start_deg=parameters.start_deg,
-        stop_deg=parameters.stop_deg,
-        exposure_s=parameters.exposure_s,
-        num_darks=parameters.num_darks,
-        num_flats=parameters.num_flats,
-        flat_offset_x_um=parameters.flat_offset_x_um,
-        sample=_sample_info(sample),
-    )
+    # The form's fields are the plan's keyword arguments, one for one (tests/test_acquire_flow.py).
+    plan = tomo_scan(beamline, **parameters.model_dump(), sample=_sample_info(sample))
     with open_catalog(settings) as catalog:
         engine = make_run_engine(
             tiled_writer(catalog.runs, settings), EventCounter("tomography (projections)", parameters.num_projections)

@@ -26,3 +26,12 @@ def test_form_level_validation_names_the_field():
         TomographyParameters(exposure_s=0)
     with pytest.raises(ValueError, match="name"):
         Sample(name="../../etc")
+
+
+def test_the_tomography_form_fields_are_the_plan_keywords():
+    import inspect
+
+    from corrflow.plans import tomo_scan
+
+    keywords = {p.name for p in inspect.signature(tomo_scan).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    assert set(TomographyParameters.model_fields) <= keywords
