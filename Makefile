@@ -27,5 +27,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow"
 
+## Benchmarks: installs the peer libraries (benchmarks/requirements.txt, not project dependencies)
+## and runs every area quickly; results in benchmarks/results/*.json.
+bench: $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -r benchmarks/requirements.txt
+	for area in reconstruction registration acquisition transfer; do \
+		test -f benchmarks/$$area.py && $(VENV)/bin/python -m benchmarks.$$area --quick || exit 1; \
+	done
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,11 +9,22 @@ rotation-axis column; slices ``slice[iy, ix]`` at ``x = (ix - (n-1)/2) * voxel``
 Modules
 -------
 normalize
-    Flat/dark correction and the safe ``-ln``: :func:`normalize`, :func:`minus_log`, :func:`line_integrals`.
+    Flat/dark correction (one flat set, or flats before AND after interpolated by frame position) and
+    the safe ``-ln``: :func:`normalize`, :func:`minus_log`, :func:`line_integrals`.
+rings
+    Stripe (ring-artefact) removal in sinograms: :func:`remove_stripes_sorting` (Vo et al. 2018).
+phase
+    Paganin single-distance phase retrieval: :func:`paganin`.
 centering
     Rotation-axis column from opposed projections: :func:`find_rotation_center`.
 fbp
-    Filtered back-projection: :func:`fbp` (one slice), :func:`fbp_volume` (a stack of sinograms).
+    Filtered back-projection: :func:`fbp` (one slice), :func:`fbp_volume` (a stack of sinograms);
+    ``method="gridrec"`` (Fourier, default) or ``"direct"``; ``backend="auto"|"cpu"|"gpu"``.
+gpu
+    Optional CuPy support: :func:`gpu_available`, :func:`gpu_unavailable_reason`.
+resolution
+    Fourier ring/shell correlation and half-dataset resolution (van Heel & Schatz 2005 thresholds):
+    :func:`fourier_correlation`, :func:`resolution_from_curve`, :func:`half_dataset_resolution`.
 metrics
     :func:`rmse`, :func:`nrmse`, :func:`material_means`.
 registration
@@ -33,9 +44,13 @@ from typing import TYPE_CHECKING, Any
 # eagerly so that the package attribute is bound to the FUNCTION after the submodule is loaded (a later
 # `import corrflow.processing.fbp` does not rebind it). They only need NumPy and scipy.fft.
 from corrflow.processing.centering import find_rotation_center
-from corrflow.processing.fbp import FILTERS, fbp, fbp_volume
+from corrflow.processing.fbp import BACKENDS, FILTERS, METHODS, fbp, fbp_volume
+from corrflow.processing.gpu import gpu_available, gpu_unavailable_reason
 from corrflow.processing.metrics import material_means, nrmse, rmse
 from corrflow.processing.normalize import line_integrals, minus_log, normalize
+from corrflow.processing.phase import paganin
+from corrflow.processing.resolution import fourier_correlation, half_dataset_resolution, resolution_from_curve
+from corrflow.processing.rings import remove_stripes_sorting
 
 # Registration needs scikit-image and SimpleITK (about a second to import); resolved on first use so
 # `from corrflow.processing.transforms import ...` stays cheap for devices and flows.
@@ -61,7 +76,16 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "BACKENDS",
     "FILTERS",
+    "METHODS",
+    "fourier_correlation",
+    "gpu_available",
+    "gpu_unavailable_reason",
+    "half_dataset_resolution",
+    "paganin",
+    "remove_stripes_sorting",
+    "resolution_from_curve",
     "LandmarkFit",
     "RegistrationError",
     "RegistrationResult",

@@ -12,12 +12,22 @@ matrix-multiply DFT around it (Guizar-Sicairos et al., Opt. Lett. 33, 156 (2008)
 fit on the fine grid. The correlation is not phase-normalised: whitening amplifies noise and fails on
 band-limited, non-periodic data (STACK.md).
 
+Alternatively (``method="vo"``), Vo, Atwood & Drakopoulos, Opt. Express 22, 19078 (2014): the
+0-180° sinogram and its mirror image, shifted for a candidate centre, are stacked into a 360° sinogram;
+for the right centre it is a consistent sinogram whose 2-D Fourier transform is confined to the
+"bow-tie" ``|k| <= 2 pi R |w|`` (``k`` the angular harmonic, ``w`` the detector frequency in cycles/px,
+``R`` the object radius in px), while a wrong centre puts a seam into it whose energy spreads
+outside. The centre minimising the mean spectral magnitude outside the bow-tie is found on a coarse
+grid of binned data, then on a 0.1 px grid with Fourier sub-pixel shifts and a parabolic fit.
+
 When no projection lies exactly 180° from another (e.g. a 0–180° scan without the end point), the
 opposed projection is linearly interpolated or extrapolated in angle from the two nearest projections,
 if they lie within ``max_angle_gap_deg``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import scipy.fft
@@ -32,6 +42,11 @@ _SAME_ANGLE_DEG = 1e-6
 _MAX_ROWS = 32
 # Pairs used at most (evenly spaced among those available).
 _MAX_PAIRS = 180
+# Vo's method: rows used at most, size of the binned sinogram of the coarse search, fine step (px).
+_VO_MAX_ROWS = 4
+_VO_COARSE_COLS = 256
+_VO_COARSE_ANGLES = 360
+_VO_FINE_STEP_PX = 0.1
 
 
 def opposed_pairs(
@@ -108,6 +123,7 @@ def find_rotation_center(
     max_angle_gap_deg: float | None = None,
     search_radius_px: float | None = None,
     upsample: int = 100,
+    method: Literal["correlation", "vo"] = "correlation",
 ) -> float:
     """Column ``c`` of the rotation axis (0-based, continuous), from opposed projections.
 
@@ -122,10 +138,15 @@ def find_rotation_center(
         See :func:`opposed_pairs`.
     search_radius_px : float, optional
         Only centres within this many columns of the detector middle ``(n_cols - 1) / 2`` are
-        considered. Default: the whole detector.
+        considered. Default: the whole detector (``"correlation"``) or its middle half (``"vo"``,
+        whose cost grows with the number of candidates).
     upsample : int
         Sub-pixel resolution of the correlation-peak search, ``1 / upsample`` px before the final
-        parabolic interpolation.
+        parabolic interpolation (``method="correlation"``).
+    method : {"correlation", "vo"}
+        Cross-correlation of opposed projections (default; any angle set with opposed pairs), or
+        Vo's Fourier "bow-tie" criterion (needs evenly spaced angles covering at least 180°; uses the
+        first 180° of them). Vo's method does not need the background to be flat at the detector edges.
 
     Returns
     -------
@@ -135,8 +156,11 @@ def find_rotation_center(
     Raises
     ------
     ValueError
-        Bad shapes, NaN/inf, too few columns, or no pair of projections about 180° apart.
+        Bad shapes, NaN/inf, too few columns, or no pair of projections about 180° apart (for
+        ``method="vo"``: angles not evenly spaced over at least 180°), or an unknown ``method``.
     """
+    if method not in ("correlation", "vo"):
+        raise ValueError(f"method must be 'correlation' or 'vo', got {method!r}")
     data = np.asarray(sinogram_or_projections, dtype=np.float64)
     if data.ndim == 2:
         data = data[:, None, :]
@@ -160,6 +184,8 @@ def find_rotation_center(
     if not np.all(np.isfinite(data)):
         raise ValueError("sinogram_or_projections contains NaN or infinite values")
 
+    if method == "vo":
+        return _center_by_vo(data, angles, search_radius_px=search_radius_px)
     pairs = opposed_pairs(angles, max_angle_gap_deg=max_angle_gap_deg)
     if not pairs:
         raise ValueError(
@@ -213,3 +239,100 @@ def find_rotation_center(
             shift += 0.5 * (left - right) / curvature / upsample
     shift = float(np.clip(shift, -limit, limit))
     return float(((n_cols - 1) + shift) / 2.0)
+
+
+# ------------------------------------------------------------------ Vo's method
+
+
+def _half_turn(angles: NDArray[np.float64]) -> NDArray[np.intp]:
+    """Indices of evenly spaced projections covering [a0, a0 + 180) (a0 = first angle), in angle order."""
+    order = np.argsort(angles, kind="stable")
+    start = angles[order[0]]
+    within = order[angles[order] < start + 180.0 - _SAME_ANGLE_DEG]
+    steps = np.diff(angles[within])
+    if within.size < 8 or steps.min() <= _SAME_ANGLE_DEG:
+        raise ValueError("angles_deg must hold at least 8 distinct, evenly spaced angles for method='vo'")
+    step = float(np.median(steps))
+    if np.abs(steps - step).max() > 0.05 * step:
+        raise ValueError("method='vo' needs evenly spaced angles_deg; use method='correlation'")
+    if within.size * step < 180.0 - 0.5 * step:
+        raise ValueError(
+            f"method='vo' needs angles_deg covering 180 deg, got {within.size} steps of {step:.4g} deg; "
+            "use method='correlation'"
+        )
+    return within
+
+
+def _bow_tie_mask(n_angles_360: int, n_cols: int) -> NDArray[np.bool_]:
+    """Fourier region of a 360° sinogram ``(2 n_angles, n_cols)`` that a consistent sinogram leaves empty."""
+    harmonic = np.abs(scipy.fft.fftfreq(n_angles_360) * n_angles_360)[:, None]
+    frequency = np.abs(scipy.fft.fftfreq(n_cols))[None, :]
+    # Objects anywhere in the field of view (radius n/2); 2 harmonics of slack for the discrete sampling;
+    # the lowest detector frequencies carry the background and are left out.
+    mask = harmonic > 2.0 * np.pi * (n_cols / 2.0) * frequency + 2.0
+    mask &= frequency >= 1.5 / n_cols
+    return mask
+
+
+def _vo_metric(sinograms: NDArray[np.float64], centers: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Mean spectral magnitude outside the bow-tie for each candidate centre, summed over rows."""
+    n_rows, n_angles, n_cols = sinograms.shape
+    pad = n_cols // 2
+    n_fft = scipy.fft.next_fast_len(n_cols + 2 * pad, real=True)
+    # Mirror image of every projection, edge-extended so the Fourier shift does not wrap.
+    mirrored = np.pad(sinograms[..., ::-1], ((0, 0), (0, 0), (pad, n_fft - n_cols - pad)), mode="edge")
+    spectrum = scipy.fft.rfft(mirrored, axis=-1)
+    frequency = scipy.fft.rfftfreq(n_fft)
+    mask = _bow_tie_mask(2 * n_angles, n_cols)
+    metric = np.zeros(centers.size)
+    for i, c in enumerate(centers):
+        # Mirroring about column c maps j -> 2c - j; the flip maps j -> n-1-j: shift by 2c - (n-1).
+        shift = 2.0 * c - (n_cols - 1)
+        opposed = scipy.fft.irfft(spectrum * np.exp(-2j * np.pi * frequency * shift), n=n_fft, axis=-1)
+        full = np.concatenate([sinograms, opposed[..., pad : pad + n_cols]], axis=1)
+        magnitude = np.abs(scipy.fft.fft2(full, axes=(-2, -1)))
+        metric[i] = magnitude[:, mask].mean()
+    return metric
+
+
+def _bin(data: NDArray[np.float64], factor: int, axis: int) -> NDArray[np.float64]:
+    if factor <= 1:
+        return data
+    n = data.shape[axis] // factor * factor
+    trimmed = np.take(data, np.arange(n), axis=axis)
+    shape = list(trimmed.shape)
+    shape[axis : axis + 1] = [n // factor, factor]
+    return trimmed.reshape(shape).mean(axis=axis + 1)
+
+
+def _center_by_vo(
+    data: NDArray[np.float64], angles: NDArray[np.float64], *, search_radius_px: float | None
+) -> float:
+    n_angles, n_rows, n_cols = data.shape
+    half = data[_half_turn(angles)]
+    if n_rows > _VO_MAX_ROWS:
+        half = half[:, np.linspace(0, n_rows - 1, _VO_MAX_ROWS).round().astype(int)]
+    sinograms = np.ascontiguousarray(half.transpose(1, 0, 2))  # (rows, angles, cols)
+    middle = (n_cols - 1) / 2.0
+    radius = n_cols / 4.0 if search_radius_px is None else min(float(search_radius_px), middle)
+    # Coarse: binned data, one binned column per step.
+    col_factor = max(1, n_cols // _VO_COARSE_COLS)
+    angle_factor = max(1, sinograms.shape[1] // _VO_COARSE_ANGLES)
+    binned = _bin(_bin(sinograms, col_factor, 2), angle_factor, 1)
+    binned_middle = (binned.shape[-1] - 1) / 2.0
+    offsets = np.arange(-np.floor(radius / col_factor), np.floor(radius / col_factor) + 1)
+    coarse_metric = _vo_metric(binned, binned_middle + offsets)
+    coarse = middle + offsets[int(np.argmin(coarse_metric))] * col_factor
+    # Fine: full resolution, 0.1 px steps over +-1.5 binned columns, then a parabola through the minimum.
+    span = 1.5 * col_factor
+    fine = coarse + np.arange(-span, span + 1e-9, _VO_FINE_STEP_PX)
+    fine = fine[np.abs(fine - middle) <= radius]
+    fine_metric = _vo_metric(sinograms, fine)
+    i = int(np.argmin(fine_metric))
+    center = float(fine[i])
+    if 0 < i < fine.size - 1:
+        left, mid, right = fine_metric[i - 1 : i + 2]
+        curvature = left - 2.0 * mid + right
+        if curvature > 0:
+            center += 0.5 * (left - right) / curvature * _VO_FINE_STEP_PX
+    return float(np.clip(center, middle - radius, middle + radius))

@@ -1,0 +1,316 @@
+"""Reconstruction benchmark: FBP of one slice and Paganin phase retrieval, corrflow vs its peers.
+
+Run from the project root::
+
+    python -m benchmarks.reconstruction            # best of 5
+    python -m benchmarks.reconstruction --quick    # best of 2, no NumPy-fallback rows (~2 min on 2 cores)
+
+Cases (shared/DESIGN.md, "Benchmarks convention")
+-------------------------------------------------
+``fbp_512``  512² slice from 720 projections over 180°; ``fbp_1024``  1024² from 1440.
+    Input: the ANALYTIC sinogram of a high-contrast Shepp-Logan-like ellipse phantom (closed-form chord
+    lengths, averaged over each detector pixel's width; not computed by any projector under test).
+    Accuracy: ``rmse`` (1/mm) against the analytic phantom rasterised with 4x4 supersampling on each
+    implementation's own output grid, over the reconstruction circle (radius n/2 - 4 px), and
+    ``rmse_interior``, the same 4 px or more away from any edge of the phantom (pure ringing/noise,
+    no edge blur). Every implementation gets the ramp (Ram-Lak) filter and its documented centre
+    convention: axis at column (n-1)/2 for corrflow, algotom and astra-toolbox, at n/2 for scikit-image
+    (which fixes it there; it gets its own sinogram and truth raster for that axis).
+``paganin_2048``  one 2048² float32 frame, 25 keV, 100 mm, 1 µm pixels, delta/beta 1000.
+    Input: the transport-of-intensity forward model of a known smooth ``mu T`` map, so the exact answer is
+    known: ``max_abs_error`` of the retrieved ``mu T``. The plain peer is the same formula with numpy.fft.
+
+Timing: wall time of one call from the float32 sinogram (or frame) in memory to the result in memory,
+filtering included; best of N after one untimed warm-up call (JIT compilation, FFT plans); threads as
+each library uses them by default on this machine (corrflow and algotom: 2 numba/FFT threads;
+astra-toolbox CPU and scikit-image: 1 thread). Other processes share the 2 cores, hence best-of-N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from benchmarks._common import best_of, machine_note, print_table, write_results
+from corrflow.processing.fbp import fbp
+from corrflow.processing.phase import paganin
+
+NAME = "reconstruction"
+
+# (mu_per_mm, x0, y0, a, b, phi_deg), lengths as fractions of the phantom radius: a high-contrast
+# Shepp-Logan variant (the same as tests/test_processing_recon.py), with an off-axis rotated ellipse
+# that pins the orientation.
+ELLIPSES = (
+    (2.0, 0.0, 0.0, 0.69, 0.92, 0.0),
+    (-1.6, 0.0, -0.0184, 0.6624, 0.874, 0.0),
+    (-0.4, 0.22, 0.0, 0.11, 0.31, -18.0),
+    (-0.4, -0.22, 0.0, 0.16, 0.41, 18.0),
+    (0.4, 0.0, 0.35, 0.21, 0.25, 0.0),
+    (0.4, 0.0, 0.1, 0.046, 0.046, 0.0),
+    (0.4, 0.0, -0.1, 0.046, 0.046, 0.0),
+    (0.4, -0.08, -0.605, 0.046, 0.023, 0.0),
+    (0.4, 0.06, -0.605, 0.023, 0.046, 0.0),
+    (0.6, 0.35, 0.45, 0.08, 0.05, 30.0),
+)
+PIXEL_UM = 1.0
+_INSTALL = "pip install -r benchmarks/requirements.txt"
+
+
+def phantom_um(n: int) -> list[tuple[float, ...]]:
+    radius = 0.42 * n * PIXEL_UM
+    return [(mu, x * radius, y * radius, a * radius, b * radius, phi) for mu, x, y, a, b, phi in ELLIPSES]
+
+
+def analytic_sinogram(
+    n: int, angles_deg: NDArray[np.float64], axis_px: float, *, aperture: int = 5
+) -> NDArray[np.float32]:
+    """Closed-form line integrals ``(n_angles, n)`` in the corrflow convention (INTERFACES.md),
+    averaged over each pixel's width (``aperture`` sub-samples)."""
+    offsets = (np.arange(aperture) + 0.5) / aperture - 0.5
+    u = (((np.arange(n) - axis_px)[:, None] + offsets[None, :]).ravel() * PIXEL_UM)[None, :]
+    theta = np.radians(angles_deg)[:, None]
+    nx, ny = np.cos(theta), -np.sin(theta)
+    out = np.zeros((angles_deg.size, u.shape[1]))
+    for mu, x0, y0, a, b, phi in phantom_um(n):
+        relative = -theta - np.radians(phi)
+        s_max2 = (a * np.cos(relative)) ** 2 + (b * np.sin(relative)) ** 2
+        s = u - (x0 * nx + y0 * ny)
+        out += mu * (2 * a * b * np.sqrt(np.clip(s_max2 - s**2, 0, None)) / s_max2) / 1000.0
+    return out.reshape(angles_deg.size, n, aperture).mean(axis=-1).astype(np.float32)
+
+
+def rasterised(n: int, grid_center_px: float, *, supersample: int = 4) -> NDArray[np.float64]:
+    """Area-averaged phantom (mu, 1/mm) on a grid whose pixel ix sits at ``x = ix - grid_center_px``."""
+    m = n * supersample
+    g = ((np.arange(m) + 0.5) / supersample - 0.5 - grid_center_px) * PIXEL_UM
+    out = np.zeros((n, n))
+    for row0 in range(0, m, 512):  # bands of rows bound the temporaries
+        y = g[row0 : row0 + 512][:, None]
+        x = g[None, :]
+        band = np.zeros((y.shape[0], m))
+        for mu, x0, y0, a, b, phi in phantom_um(n):
+            c, s = np.cos(np.radians(phi)), np.sin(np.radians(phi))
+            xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
+            band += mu * ((xr / a) ** 2 + (yr / b) ** 2 <= 1)
+        rows = band.shape[0] // supersample
+        block = band.reshape(rows, supersample, n, supersample).mean(axis=(1, 3))
+        out[row0 // supersample : row0 // supersample + rows] = block
+    return out
+
+
+def masks(truth: NDArray[np.float64], grid_center_px: float) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """(reconstruction circle, interior of it >= 4 px from any phantom edge)."""
+    from scipy import ndimage
+
+    n = truth.shape[0]
+    r = np.hypot(*np.meshgrid(np.arange(n) - grid_center_px, np.arange(n) - grid_center_px))
+    circle = r < n / 2 - 4
+    flat = ndimage.maximum_filter(truth, 9) - ndimage.minimum_filter(truth, 9) < 1e-9
+    return circle, circle & flat
+
+
+# ------------------------------------------------------------------ implementations
+
+
+@dataclass(frozen=True)
+class Implementation:
+    name: str
+    axis: str  # "middle": axis at (n-1)/2 and grid centred there; "half": axis and grid centre at n/2
+    run: Callable[[NDArray[np.float32], NDArray[np.float64], float], NDArray[Any]] | None
+    note: str = ""
+
+
+def _corrflow(method: str, *, numpy_only: bool = False) -> Callable[..., NDArray[np.float32]]:
+    def run(sino: NDArray[np.float32], angles_deg: NDArray[np.float64], axis_px: float) -> NDArray[np.float32]:
+        return fbp(sino, angles_deg, center_px=axis_px, method=method, backend="cpu", pixel_size_um=PIXEL_UM)
+
+    if not numpy_only:
+        return run
+    fbp_module = importlib.import_module("corrflow.processing.fbp")
+
+    def run_numpy(*args: Any) -> NDArray[np.float32]:
+        original = fbp_module._numba_kernels
+        fbp_module._numba_kernels = lambda: None  # the pure NumPy fallback (what runs without numba)
+        try:
+            return run(*args)
+        finally:
+            fbp_module._numba_kernels = original
+
+    return run_numpy
+
+
+def _skimage() -> Implementation:
+    try:
+        from skimage.transform import iradon
+    except ImportError as exc:
+        return Implementation("scikit-image iradon", "half", None, f"not installed ({exc.name}): {_INSTALL}")
+
+    def run(sino: NDArray[np.float32], angles_deg: NDArray[np.float64], axis_px: float) -> NDArray[Any]:
+        # iradon wants (detector, angle); rotation centre fixed at column n//2; output per pixel.
+        n = sino.shape[1]
+        return iradon(sino.T, theta=angles_deg, filter_name="ramp", interpolation="linear", circle=True,
+                      output_size=n) * (1000.0 / PIXEL_UM)
+
+    return Implementation("scikit-image iradon", "half", run)
+
+
+def _algotom() -> Implementation:
+    try:
+        from algotom.rec.reconstruction import fbp_reconstruction
+    except ImportError as exc:
+        return Implementation("algotom fbp (numba, CPU)", "middle", None, f"not installed ({exc.name}): {_INSTALL}")
+
+    def run(sino: NDArray[np.float32], angles_deg: NDArray[np.float64], axis_px: float) -> NDArray[Any]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "No Nvidia GPU found! Run with CPU instead"
+            rec = fbp_reconstruction(sino, axis_px, angles=np.radians(angles_deg), filter_name=None,
+                                     apply_log=False, gpu=False, ratio=None)
+        return rec * (1000.0 / PIXEL_UM)
+
+    return Implementation("algotom fbp (numba, CPU)", "middle", run)
+
+
+def _astra() -> Implementation:
+    try:
+        import astra
+    except ImportError as exc:
+        return Implementation("astra-toolbox FBP (CPU)", "middle", None, f"not installed ({exc.name}): {_INSTALL}")
+
+    def run(sino: NDArray[np.float32], angles_deg: NDArray[np.float64], axis_px: float) -> NDArray[Any]:
+        # Detector centred on the axis ((n-1)/2), 'linear' CPU projector, Ram-Lak filter.
+        n = sino.shape[1]
+        vol_geom = astra.create_vol_geom(n, n)
+        proj_geom = astra.create_proj_geom("parallel", 1.0, n, np.radians(angles_deg))
+        projector = astra.create_projector("linear", proj_geom, vol_geom)
+        sino_id = astra.data2d.create("-sino", proj_geom, sino)
+        rec_id = astra.data2d.create("-vol", vol_geom)
+        cfg = astra.astra_dict("FBP")
+        cfg.update(ReconstructionDataId=rec_id, ProjectionDataId=sino_id, ProjectorId=projector)
+        cfg["option"] = {"FilterType": "Ram-Lak"}
+        algorithm = astra.algorithm.create(cfg)
+        try:
+            astra.algorithm.run(algorithm)
+            return astra.data2d.get(rec_id) * (1000.0 / PIXEL_UM)
+        finally:
+            astra.algorithm.delete(algorithm)
+            astra.data2d.delete([sino_id, rec_id])
+            astra.projector.delete(projector)
+
+    return Implementation("astra-toolbox FBP (CPU)", "middle", run)
+
+
+def fbp_implementations(*, quick: bool) -> list[Implementation]:
+    compiled = importlib.import_module("corrflow.processing.fbp")._numba_kernels() is not None
+    engine = "numba" if compiled else "numpy: numba not installed"
+    ours = [
+        Implementation(f"corrflow gridrec ({engine})", "middle", _corrflow("gridrec")),
+        Implementation(f"corrflow direct ({engine})", "middle", _corrflow("direct")),
+    ]
+    if not quick and compiled:
+        ours += [
+            Implementation("corrflow gridrec (numpy fallback)", "middle", _corrflow("gridrec", numpy_only=True)),
+            Implementation("corrflow direct (numpy fallback)", "middle", _corrflow("direct", numpy_only=True)),
+        ]
+    return ours + [_algotom(), _astra(), _skimage()]
+
+
+# ------------------------------------------------------------------ cases
+
+
+def fbp_case(case: str, n: int, n_angles: int, *, repeats: int, quick: bool) -> list[dict[str, Any]]:
+    angles = np.arange(n_angles) * 180.0 / n_angles
+    inputs: dict[str, tuple[NDArray[np.float32], float, NDArray[np.float64], NDArray[np.bool_], NDArray[np.bool_]]] = {}
+    for axis, axis_px in (("middle", (n - 1) / 2.0), ("half", n / 2.0)):
+        truth = rasterised(n, axis_px)
+        circle, interior = masks(truth, axis_px)
+        inputs[axis] = (analytic_sinogram(n, angles, axis_px), axis_px, truth, circle, interior)
+    rows = []
+    for impl in fbp_implementations(quick=quick):
+        row: dict[str, Any] = {"case": case, "implementation": impl.name, "seconds": None, "rmse": None,
+                               "rmse_interior": None, "note": impl.note}
+        if impl.run is None:
+            rows.append(row)
+            print(f"  {case}: {impl.name}: skipped, {impl.note}", flush=True)
+            continue
+        sino, axis_px, truth, circle, interior = inputs[impl.axis]
+        run = impl.run
+        run(sino, angles, axis_px)  # warm-up: JIT compilation, FFT plans
+        seconds, rec = best_of(lambda run=run, sino=sino, axis_px=axis_px: run(sino, angles, axis_px), repeats=repeats)
+        rec = np.asarray(rec, dtype=np.float64)
+        row.update(
+            seconds=seconds,
+            rmse=float(np.sqrt(np.mean((rec - truth)[circle] ** 2))),
+            rmse_interior=float(np.sqrt(np.mean((rec - truth)[interior] ** 2))),
+            note=f"best of {repeats}",
+        )
+        rows.append(row)
+        print(f"  {case}: {impl.name}: {seconds:.4f} s, rmse {row['rmse']:.5f} 1/mm", flush=True)
+    return rows
+
+
+def _paganin_numpy(frame: NDArray[np.float32], *, energy_keV: float, distance_mm: float, pixel_size_um: float,
+                   delta_beta: float) -> NDArray[np.float64]:
+    """The textbook implementation with numpy.fft (the plain peer)."""
+    wavelength_um = 1.239841984e-3 / energy_keV
+    fy = np.fft.fftfreq(frame.shape[0], d=pixel_size_um)[:, None]
+    fx = np.fft.fftfreq(frame.shape[1], d=pixel_size_um)[None, :]
+    response = 1.0 / (1.0 + np.pi * wavelength_um * distance_mm * 1e3 * delta_beta * (fx**2 + fy**2))
+    return -np.log(np.clip(np.fft.ifft2(np.fft.fft2(frame) * response).real, 1e-3, None))
+
+
+def paganin_case(*, repeats: int) -> list[dict[str, Any]]:
+    n = 2048
+    params = dict(energy_keV=25.0, distance_mm=100.0, pixel_size_um=1.0, delta_beta=1000.0)
+    # Exact forward model (TIE, homogeneous object): I = F^-1[(1 + pi lambda z (delta/beta) f²) F[exp(-mu T)]].
+    y, x = np.mgrid[0:n, 0:n] * (2 * np.pi / n)
+    mu_t = 0.8 + 0.4 * np.sin(7 * x) * np.cos(5 * y) + 0.2 * np.cos(13 * x + 3 * y)
+    wavelength_um = 1.239841984e-3 / params["energy_keV"]
+    f2 = np.fft.fftfreq(n, d=1.0)[:, None] ** 2 + np.fft.fftfreq(n, d=1.0)[None, :] ** 2
+    forward = 1.0 + np.pi * wavelength_um * params["distance_mm"] * 1e3 * params["delta_beta"] * f2
+    frame = np.fft.ifft2(np.fft.fft2(np.exp(-mu_t)) * forward).real.astype(np.float32)
+    runs: list[tuple[str, Callable[[], Any], str]] = [
+        ("corrflow paganin (scipy.fft, float32)", lambda: paganin(frame, **params), "no padding"),
+        ("numpy.fft paganin", lambda: _paganin_numpy(frame, **params), "no padding, float64"),
+    ]
+    rows = []
+    for name, run, note in runs:
+        run()
+        seconds, result = best_of(run, repeats=repeats)
+        error = float(np.abs(np.asarray(result, dtype=np.float64) - mu_t).max())
+        rows.append({"case": "paganin_2048", "implementation": name, "seconds": seconds, "max_abs_error": error,
+                     "note": f"{note}; best of {repeats}"})
+        print(f"  paganin_2048: {name}: {seconds:.4f} s, max error {error:.2e}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.reconstruction", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="best of 2, skip the slow NumPy-fallback rows")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per implementation (default 5, quick 2)")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    print(f"reconstruction benchmark · {machine_note()}", flush=True)
+    rows = []
+    rows += fbp_case("fbp_512", 512, 720, repeats=repeats, quick=args.quick)
+    rows += fbp_case("fbp_1024", 1024, 1440, repeats=repeats, quick=args.quick)
+    rows += paganin_case(repeats=max(repeats, 5))
+    print()
+    print_table(rows, columns=["case", "implementation", "seconds", "rmse", "rmse_interior", "max_abs_error", "note"],
+                title="rmse, rmse_interior in 1/mm (phantom range 0-2 1/mm); max_abs_error of mu*T (dimensionless)")
+    path = write_results(NAME, rows)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
