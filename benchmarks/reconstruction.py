@@ -29,6 +29,7 @@ astra-toolbox CPU and scikit-image: 1 thread). Other processes share the 2 cores
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import importlib
 import warnings
 from collections.abc import Callable
@@ -290,6 +291,66 @@ def paganin_case(*, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def dask_scaling_case(*, quick: bool) -> list[dict]:
+    """The reconstruction flow's slabs on a local Dask cluster of 1 then 2 workers (one thread each).
+
+    The scan is simulated (Beer-Lambert frames of the phantom, written as NXtomo); timings are the
+    slab phase of the flow (reading, normalizing, FBP, writing), cluster start-up excluded.
+    """
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="corrflow-bench-") as tmp:
+        os.environ.setdefault("PREFECT_HOME", str(Path(tmp) / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        from corrflow.flows.models import ReconstructionParameters, Sample
+        from corrflow.flows.reconstruct import reconstruct_on_dask
+        from corrflow.nexus import write_nxtomo
+        from corrflow.settings import ComputeSettings
+        from corrflow.simulators import make_phantom, xray_frame
+        from corrflow.simulators.xray import XrayDetectorModel
+
+        rows_px, cols_px, n_proj = (32, 256, 360) if quick else (64, 512, 720)
+        pixel_um = 2048.0 / cols_px  # a 2 mm field of view over the 0.8 mm sample
+        model = XrayDetectorModel(shape_px=(rows_px, cols_px), pixel_size_um=pixel_um, incident_photons_per_s=2e5, seed=1)
+        phantom = make_phantom(seed=1, height_um=rows_px * pixel_um * 0.9)
+        rng = np.random.default_rng(0)
+        kw = dict(y_um=0.0, z_um=0.0, exposure_s=0.05, rng=rng)
+        angles = np.linspace(0, 180, n_proj, endpoint=False)
+        frames = [xray_frame(phantom, model, angle_deg=0, x_um=0, shutter_open=False, **kw) for _ in range(2)]
+        frames += [xray_frame(phantom, model, angle_deg=0, x_um=1e5, shutter_open=True, **kw) for _ in range(4)]
+        frames += [xray_frame(phantom, model, angle_deg=a, x_um=0, shutter_open=True, **kw) for a in angles]
+        n = len(frames)
+        raw = write_nxtomo(
+            Path(tmp) / "scan.nxs", data=np.stack(frames), image_key=np.array([2] * 2 + [1] * 4 + [0] * n_proj),
+            rotation_angle_deg=np.concatenate([np.zeros(6), angles]), x_translation_um=np.zeros(n),
+            y_translation_um=np.zeros(n), z_translation_um=np.zeros(n), pixel_size_um=pixel_um, distance_mm=0.0,
+            energy_keV=25.0, count_time_s=0.05, sample_name="bench", title="bench",
+            metadata={"identification": {}, "references": {}, "settings": {}},
+        )
+        parameters = ReconstructionParameters(center_px=model.axis_column(x_um=0.0), chunk_rows=4)
+        rows, seconds = [], {}
+        for workers in (1, 2):
+            best = float("inf")
+            for attempt in range(2):
+                out = Path(tmp) / f"volume_{workers}_{attempt}.nxs"
+                product = reconstruct_on_dask(
+                    Sample(name="bench"), raw, out, "bench", parameters,
+                    ComputeSettings(dask_workers=workers, threads_per_worker=1),
+                )
+                best = min(best, product.seconds)
+            seconds[workers] = best
+            rows.append({
+                "case": "dask_scaling", "implementation": f"corrflow reconstruct flow, {workers} Dask worker(s)",
+                "seconds": best, "speedup": seconds[1] / best,
+                "note": f"{rows_px}x{cols_px} px, {n_proj} angles, chunk 4 rows; best of 2",
+            })
+            print(f"  dask_scaling: {workers} worker(s): {best:.2f} s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.reconstruction", description=__doc__.split("\n")[0]
@@ -297,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="best of 2, skip the slow NumPy-fallback rows")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per implementation (default 5, quick 2)")
+    parser.add_argument("--skip-dask", action="store_true", help="skip the Dask 1 -> 2 worker scaling case")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     print(f"reconstruction benchmark · {machine_note()}", flush=True)
@@ -304,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += fbp_case("fbp_512", 512, 720, repeats=repeats, quick=args.quick)
     rows += fbp_case("fbp_1024", 1024, 1440, repeats=repeats, quick=args.quick)
     rows += paganin_case(repeats=max(repeats, 5))
+    if not args.skip_dask:
+        rows += dask_scaling_case(quick=args.quick)
     print()
-    print_table(rows, columns=["case", "implementation", "seconds", "rmse", "rmse_interior", "max_abs_error", "note"],
+    print_table(rows, columns=["case", "implementation", "seconds", "speedup", "rmse", "rmse_interior", "max_abs_error", "note"],
                 title="rmse, rmse_interior in 1/mm (phantom range 0-2 1/mm); max_abs_error of mu*T (dimensionless)")
     path = write_results(NAME, rows)
     print(f"\nwrote {path}")

@@ -50,6 +50,11 @@ def _prepare_runtime(settings: Settings) -> None:
     """Directories and Prefect's environment; must run before Prefect is imported."""
     settings.ensure_directories()
     os.environ.update(settings.prefect_environment())
+    # The progress bars say what runs; Prefect's per-run INFO lines still reach its server and UI.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # distributed logs a normal cluster shutdown at INFO, with a traceback; it configures its own
+    # loggers from dask's config when imported, so the level is set there.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     # Flows load settings from the environment in their own process; pin them to these.
     os.environ["CORRFLOW_DATA_ROOT"] = str(settings.data_root)
 
@@ -62,7 +67,7 @@ def demo(
     projections: Annotated[int, typer.Option(min=2, help="Number of projections over 180 deg")] = 180,
 ) -> None:
     """Run a whole simulated correlative experiment: tomography -> transfer -> reconstruction ->
-    micrograph -> registration, and write a summary JSON and a PNG report."""
+    micrograph -> registration -> ROI hand-off, and write a summary JSON and a PNG report."""
     settings = _settings(config, data_root)
     _prepare_runtime(settings)
     from corrflow.progress import StageProgress
@@ -85,11 +90,20 @@ def demo(
         "volume": summary["volume_path"],
         "reconstruction NRMSE vs phantom": f"{summary['reconstruction_error']['nrmse']:.3f}",
         "registration error": f"{summary['registration_error']['rms_um']:.2f} um RMS",
+        "ROI hand-off": _handoff_line(summary["roi_handoff"]),
         "report": summary["report_png"],
     }
     for key, value in table.items():
         console.print(f"  {key:32s} {value}")
     typer.echo(f"summary: {summary['summary_path']}")
+
+
+def _handoff_line(handoff: dict[str, Any]) -> str:
+    where = ", ".join(f"{v:.0f}" for v in handoff["roi_sample_um"])
+    line = f"feature at ({where}) um -> stage ({handoff['stage_x_um']:.1f}, {handoff['stage_y_um']:.1f}) um"
+    if handoff.get("true_error_um") is not None:
+        line += f", error {handoff['true_error_um']:.2f} um"
+    return line
 
 
 @app.command("dry-run")

@@ -92,6 +92,16 @@ class MicroscopeSettings(InstrumentSettings):
     frame: str = "microscope_stage"
 
 
+class ComputeSettings(_Section):
+    """Where reconstruction slabs are computed: a Dask cluster through prefect-dask."""
+
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; none = a local cluster"
+    )
+    dask_workers: int = Field(2, ge=1, le=1024, description="Workers of the local cluster (one process each)")
+    threads_per_worker: int = Field(1, ge=1, le=256, description="Threads per local worker (and per FBP call)")
+
+
 class SimulationSettings(_Section):
     """Knobs of the simulated world (only used by simulated instruments)."""
 
@@ -126,6 +136,142 @@ class FacilitySettings(_Section):
     microscope_storage: Path | None = Field(None, description="Microscope data; default <data_root>/microscope")
 
 
+Site = Literal["beamline", "compute", "microscope"]
+SITES: tuple[Site, ...] = ("beamline", "compute", "microscope")
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class WorkPoolSettings(_Section):
+    """One Prefect work pool (and one worker) per site; deployments of a site run on its pool."""
+
+    beamline: str = Field("corrflow-beamline", description="Work pool of the beamline site (acquisition)")
+    compute: str = Field("corrflow-compute", description="Work pool of the compute facility (transfer, reconstruction)")
+    microscope: str = Field("corrflow-microscope", description="Work pool of the microscope site (micrograph, registration)")
+
+
+class SFTPSettings(_Section):
+    """The SSH/SFTP transfer backend: the compute facility's landing area as seen over SSH."""
+
+    host: str = Field("127.0.0.1", description="SSH server of the destination facility")
+    port: int = Field(22, ge=1, le=65535)
+    username: str = Field("corrflow", description="SSH user")
+    key_file: Path | None = Field(None, description="Private key (no password prompts: automation)")
+    known_hosts_file: Path | None = Field(
+        None, description="known_hosts holding the server's host key; unknown host keys are rejected"
+    )
+    remote_root: str = Field("/data/corrflow/compute", description="Destination root directory on the server")
+    timeout_s: float = Field(15.0, gt=0, description="Connect / banner / channel timeout (s)")
+
+
+class GlobusSettings(_Section):
+    """The optional Globus backend (globus-sdk): a transfer task between two collections."""
+
+    source_collection: str | None = Field(None, description="Globus collection id of the beamline storage")
+    destination_collection: str | None = Field(None, description="Globus collection id of the compute storage")
+    source_root: str = Field("/", description="Path of the beamline storage root on the source collection")
+    destination_root: str = Field("/", description="Path of the compute storage root on the destination collection")
+    client_id: str | None = Field(None, description="Globus confidential client (service account) id")
+    client_secret_file: Path | None = Field(None, description="File holding the confidential client's secret")
+    poll_interval_s: float = Field(5.0, gt=0, description="Seconds between task status polls")
+    timeout_s: float = Field(3600.0, gt=0, description="Give up waiting for a task after this long (s)")
+
+
+class TransferSettings(_Section):
+    """How raw data moves between facilities, and how long verified source copies are kept."""
+
+    backend: Literal["local", "sftp", "globus"] = Field(
+        "local", description="local = mounted filesystem; sftp = SSH server; globus = Globus transfer (optional)"
+    )
+    retries: int = Field(3, ge=0, le=20, description="Retries after a transient (network) error")
+    retry_delay_s: float = Field(1.0, ge=0, description="First retry delay (s); doubles at each retry")
+    retention_days: float = Field(
+        30.0, ge=0, description="Source copies verified at the destination are pruned after this age (days)"
+    )
+    sftp: SFTPSettings = SFTPSettings()
+    globus: GlobusSettings = GlobusSettings()
+
+
+class ServerSettings(_Section):
+    """Production mode (`corrflow server up`): Prefect server and Tiled server on PostgreSQL."""
+
+    host: str = Field("127.0.0.1", description="Bind address of both servers; a non-loopback address turns auth on")
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    tiled_port: int = Field(8000, ge=1, le=65535)
+    postgres_url: str = Field(
+        "postgresql+asyncpg://postgres@127.0.0.1:5432",
+        description="PostgreSQL server (no database part): postgresql+asyncpg://USER[:PASSWORD]@HOST:PORT",
+    )
+    prefect_database: str = Field("corrflow_prefect", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    catalog_database: str = Field("corrflow_catalog", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="Authentication of both servers: auto = on exactly when host is not loopback"
+    )
+    prefect_auth_string: str | None = Field(
+        None, description="Prefect server basic auth 'user:password'; required when auth is on"
+    )
+    tiled_admin_password: str | None = Field(
+        None,
+        description="Password of Tiled's 'corrflow-admin' account, used only to issue the scoped API keys; "
+        "required when auth is on",
+    )
+    worker_query_seconds: float = Field(
+        2.0, gt=0, description="PREFECT_WORKER_QUERY_SECONDS for workers: trigger-to-run latency"
+    )
+    heartbeat_s: int = Field(
+        30, ge=30, description="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of flow runs started by workers (s; Prefect's minimum is 30)"
+    )
+    zombie_after_s: float = Field(
+        90.0, gt=0, description="A running flow run without a heartbeat for this long is marked Crashed (s)"
+    )
+
+    @field_validator("postgres_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if not value.startswith("postgresql+asyncpg://"):
+            raise ValueError("must start with postgresql+asyncpg:// (Prefect and Tiled use asyncpg)")
+        if value.rstrip("/").count("/") > 2:
+            raise ValueError("give the server only, without a database name (databases are named separately)")
+        return value.rstrip("/")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and not self.is_loopback)
+
+    @model_validator(mode="after")
+    def _auth_when_exposed(self) -> ServerSettings:
+        if self.auth == "off" and not self.is_loopback:
+            raise ValueError(f"auth cannot be off when host {self.host!r} is not loopback")
+        if self.auth_enabled:
+            missing = [n for n in ("prefect_auth_string", "tiled_admin_password") if not getattr(self, n)]
+            if missing:
+                reason = "auth is on" if self.is_loopback else f"host {self.host!r} is not loopback"
+                raise ValueError(f"{reason}: set {', '.join(missing)}")
+        if self.prefect_auth_string is not None and ":" not in self.prefect_auth_string:
+            raise ValueError("prefect_auth_string must be 'user:password'")
+        return self
+
+    def database_url(self, database: str) -> str:
+        return f"{self.postgres_url}/{database}"
+
+
+class QueueSettings(_Section):
+    """The experiment queue: where queued experiments are kept (survives restarts of everything else)."""
+
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL; default sqlite+aiosqlite under <data_root>/queue. "
+        "Production: postgresql+asyncpg://.../corrflow_queue",
+    )
+    lease_s: float = Field(
+        60.0, ge=60, description="Lease of an instrument's concurrency slot, renewed while held (s; Prefect's minimum is 60)"
+    )
+    poll_s: float = Field(2.0, gt=0, description="How often a waiting dispatcher looks at the queue (s)")
+
+
 def _default_data_root() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "corrflow"
@@ -145,6 +291,11 @@ class Settings(BaseSettings):
     microscope: MicroscopeSettings = MicroscopeSettings()
     facilities: FacilitySettings = FacilitySettings()
     simulation: SimulationSettings = SimulationSettings()
+    work_pools: WorkPoolSettings = WorkPoolSettings()
+    transfer: TransferSettings = TransferSettings()
+    server: ServerSettings = ServerSettings()
+    queue: QueueSettings = QueueSettings()
+    compute: ComputeSettings = ComputeSettings()
 
     @field_validator("data_root")
     @classmethod
@@ -172,6 +323,20 @@ class Settings(BaseSettings):
         return self.catalog.uri or f"sqlite:///{self.catalog_dir / 'catalog.db'}"
 
     @property
+    def queue_database_url(self) -> str:
+        return self.queue.database_url or f"sqlite+aiosqlite:///{self.data_root / 'queue' / 'queue.db'}"
+
+    def work_pool(self, site: Site) -> str:
+        """Name of the Prefect work pool of ``site`` (beamline, compute or microscope)."""
+        if site not in SITES:
+            raise ValueError(f"site must be one of {SITES}, got {site!r}")
+        return getattr(self.work_pools, site)
+
+    def instrument_names(self) -> dict[str, str]:
+        """Instrument name -> site; one global concurrency limit per instrument."""
+        return {self.beamline.name: "beamline", self.microscope.name: "microscope"}
+
+    @property
     def beamline_storage(self) -> Path:
         return self.facilities.beamline_storage or self.data_root / "beamline"
 
@@ -192,6 +357,7 @@ class Settings(BaseSettings):
             self.beamline_storage,
             self.compute_storage,
             self.microscope_storage,
+            self.data_root / "queue",
         ):
             path.mkdir(parents=True, exist_ok=True)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +47,51 @@ class VolumeProduct:
     seconds: float
 
 
+@dataclass(frozen=True)
+class SlabJob:
+    """Everything one worker needs to reconstruct detector rows ``[r0, r1)``; it reads them itself.
+
+    Only the flat/dark rows of the slab travel with the job (small), never the projections.
+    """
+
+    nxtomo_path: str
+    r0: int
+    r1: int
+    projection_index: slice | np.ndarray
+    flat_rows: np.ndarray  # (r1 - r0, cols) float32
+    dark_rows: np.ndarray
+    angles_deg: np.ndarray
+    center_px: float
+    filter_name: str
+    pixel_size_um: float
+    threads: int | None = None  # FBP threads; 1 per Dask worker thread avoids oversubscribing cores
+
+
+SlabMapper = Callable[[Iterable[SlabJob]], Iterator[tuple[SlabJob, np.ndarray]]]
+
+
+def _line_integral_slab(raw: h5py.File, job: SlabJob) -> np.ndarray:
+    raw_slab = raw["/entry/instrument/detector/data"][job.projection_index, job.r0 : job.r1, :]
+    mu_t = line_integrals(raw_slab, job.flat_rows[None], job.dark_rows[None])
+    return np.ascontiguousarray(mu_t.transpose(1, 0, 2))  # (rows, angles, cols)
+
+
+def reconstruct_slab(job: SlabJob) -> np.ndarray:
+    """Read, normalize and back-project one slab; returns ``(r1 - r0, cols, cols)`` float32, mu in 1/mm."""
+    with h5py.File(job.nxtomo_path, "r") as raw:
+        sinograms = _line_integral_slab(raw, job)
+    return fbp_volume(
+        sinograms, job.angles_deg, center_px=job.center_px, filter_name=job.filter_name,
+        pixel_size_um=job.pixel_size_um, workers=job.threads,
+    )
+
+
+def sequential_slabs(jobs: Iterable[SlabJob]) -> Iterator[tuple[SlabJob, np.ndarray]]:
+    """The default mapper: one slab after another in this process."""
+    for job in jobs:
+        yield job, reconstruct_slab(job)
+
+
 def _length_um(dataset: h5py.Dataset) -> float:
     units = dataset.attrs.get("units", "um")
     units = units.decode() if isinstance(units, bytes) else str(units)
@@ -77,6 +122,8 @@ def reconstruct_nxtomo(
     chunk_rows: int = 8,
     provenance: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    map_slabs: SlabMapper = sequential_slabs,
+    threads: int | None = None,
 ) -> VolumeProduct:
     """Normalize, centre and back-project every detector row of an NXtomo scan.
 
@@ -95,6 +142,12 @@ def reconstruct_nxtomo(
         Extra provenance (e.g. the input run uid), stored with the volume.
     progress
         Called as ``progress(rows_done, rows_total)`` after each slab.
+    map_slabs
+        Runs the slab jobs and yields ``(job, slab)`` in job order: :func:`sequential_slabs` here, or
+        one that spreads them over workers (the reconstruction flow's Dask mapper); it should keep
+        a bounded number of slabs in flight, which bounds memory.
+    threads
+        FBP threads per slab (None = all cores).
 
     Returns
     -------
@@ -136,17 +189,18 @@ def reconstruct_nxtomo(
 
         flat = reference_field(data[_index_for(flat_idx)], name="flats")
         dark = reference_field(data[_index_for(dark_idx)], name="darks")
-        projections = data  # read slab by slab below
 
-        def slab(r0: int, r1: int) -> np.ndarray:
-            raw_slab = projections[_index_for(proj_idx), r0:r1, :]
-            mu_t = line_integrals(raw_slab, flat[None, r0:r1], dark[None, r0:r1])
-            return np.ascontiguousarray(mu_t.transpose(1, 0, 2))  # (rows, angles, cols)
+        def job(r0: int, r1: int, centre: float) -> SlabJob:
+            return SlabJob(
+                nxtomo_path=str(nxtomo_path), r0=r0, r1=r1, projection_index=_index_for(proj_idx),
+                flat_rows=flat[r0:r1], dark_rows=dark[r0:r1], angles_deg=angles_deg, center_px=centre,
+                filter_name=filter_name, pixel_size_um=pixel_size_um, threads=threads,
+            )
 
         if center_px is None:
             mid = n_rows // 2
-            r0, r1 = max(0, mid - 2), min(n_rows, mid + 2)
-            center_px = float(np.median([find_rotation_center(s, angles_deg) for s in slab(r0, r1)]))
+            middle = _line_integral_slab(raw, job(max(0, mid - 2), min(n_rows, mid + 2), 0.0))
+            center_px = float(np.median([find_rotation_center(s, angles_deg) for s in middle]))
         if not (0.0 <= center_px <= n_cols - 1):
             raise VolumeInputError(f"centre {center_px:.2f} px lies outside the detector (0..{n_cols - 1})")
 
@@ -155,9 +209,10 @@ def reconstruct_nxtomo(
         if partial.exists():
             partial.unlink()  # a previous attempt died mid-write; it was never a finished product
         try:
+            jobs = [job(r0, min(n_rows, r0 + chunk_rows), center_px) for r0 in range(0, n_rows, chunk_rows)]
             _write_volume(
-                partial, slab, n_rows=n_rows, n_cols=n_cols, pixel_size_um=pixel_size_um, angles_deg=angles_deg,
-                center_px=center_px, filter_name=filter_name, chunk_rows=chunk_rows, progress=progress,
+                partial, map_slabs(jobs), n_rows=n_rows, n_cols=n_cols, pixel_size_um=pixel_size_um,
+                progress=progress,
                 record={
                     "input_file": str(nxtomo_path),
                     "input_sha256": input_sha256,
@@ -189,15 +244,11 @@ def reconstruct_nxtomo(
 
 def _write_volume(
     partial: Path,
-    slab: Callable[[int, int], np.ndarray],
+    slabs: Iterator[tuple[SlabJob, np.ndarray]],
     *,
     n_rows: int,
     n_cols: int,
     pixel_size_um: float,
-    angles_deg: np.ndarray,
-    center_px: float,
-    filter_name: str,
-    chunk_rows: int,
     progress: Callable[[int, int], None] | None,
     record: dict[str, Any],
 ) -> None:
@@ -214,13 +265,14 @@ def _write_volume(
         for axis, n in (("z", n_rows), ("y", n_cols), ("x", n_cols)):
             coords = nxdata.create_dataset(axis, data=((np.arange(n) - (n - 1) / 2) * pixel_size_um).astype("float32"))
             coords.attrs["units"] = "um"
-        for r0 in range(0, n_rows, chunk_rows):
-            r1 = min(n_rows, r0 + chunk_rows)
-            volume[r0:r1] = fbp_volume(
-                slab(r0, r1), angles_deg, center_px=center_px, filter_name=filter_name, pixel_size_um=pixel_size_um
-            )
+        done = 0
+        for job, values in slabs:
+            volume[job.r0 : job.r1] = values
+            done += job.r1 - job.r0
             if progress is not None:
-                progress(r1, n_rows)
+                progress(done, n_rows)
+        if done != n_rows:
+            raise RuntimeError(f"only {done} of {n_rows} rows were reconstructed")
         process = entry.create_group("process")
         process.attrs["NX_class"] = "NXprocess"
         process.create_dataset("program", data="corrflow reconstruct (FBP)")
