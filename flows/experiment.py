@@ -1,4 +1,5 @@
-"""The correlative experiment: tomography -> transfer -> reconstruction -> micrograph -> registration.
+"""The correlative experiment: tomography -> transfer -> reconstruction -> micrograph -> registration
+-> ROI hand-off.
 
 On one machine the stages run as sub-flows of this flow in one process (embedded defaults). In
 production each stage is a deployment on its facility's work pool (issue #6); the stage functions
@@ -21,6 +22,7 @@ import corrflow
 from corrflow import ground_truth, progress
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.acquire import acquire_micrograph, acquire_tomography
+from corrflow.flows.handoff import HandoffResult, RoiRequest, roi_handoff
 from corrflow.flows.models import (
     AcquisitionResult,
     MicrographParameters,
@@ -80,6 +82,10 @@ def score_against_truth(
     return {"volume": volume, "truth": truth, "micrograph": image, "reconstruction": recon_error, "registration": reg_error}
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 @task(cache_policy=NO_CACHE)
 def summarize(
     settings: Settings,
@@ -89,6 +95,7 @@ def summarize(
     reconstruction: ReconstructionResult,
     micrograph: AcquisitionResult,
     registration: RegistrationSummary,
+    handoff: HandoffResult,
 ) -> dict[str, Any]:
     """Score against the truth (simulated instruments), write the PNG report and the summary JSON."""
     out_dir = settings.data_root / "reports" / f"{sample.name}_{tomography.run_uid[:8]}"
@@ -130,6 +137,7 @@ def summarize(
         "registration": registration.model_dump(),
         "reconstruction_error": scores["reconstruction"].as_dict() if scores else None,
         "registration_error": scores["registration"].as_dict() if scores else None,
+        "roi_handoff": handoff.model_dump(),
     }
     overlay = micrograph_on_slice_grid(
         image.image,
@@ -151,6 +159,9 @@ def summarize(
         f"                rotation {registration.rotation_deg:.3f} deg",
         f"                residual {registration.rms_residual_um:.2f} um RMS",
         f"                {registration.n_matches} fiducials matched",
+        f"ROI hand-off    feature at ({', '.join(f'{v:.0f}' for v in handoff.roi_sample_um)}) um",
+        f"                stage -> ({handoff.stage_x_um:.1f}, {handoff.stage_y_um:.1f}) um",
+        f"                seen {_fmt(handoff.first_pass_offset_um)} -> {_fmt(handoff.observed_offset_um)} um off centre",
     ]
     if scores:
         r, g = scores["reconstruction"], scores["registration"]
@@ -162,6 +173,7 @@ def summarize(
             f"  registration error   {g.rms_um:.2f} um RMS",
             f"  rotation error       {g.rotation_error_deg:.3f} deg",
             f"  scale error          {g.scale_error_pct:.3f} %",
+            f"  ROI hand-off error   {_fmt(handoff.first_pass_true_error_um)} -> {_fmt(handoff.true_error_um)} um",
         ]
     report_path = write_report(
         out_dir / "report.png",
@@ -189,10 +201,11 @@ def correlative_experiment(
     tomography: TomographyParameters = TomographyParameters(),
     micrograph: MicrographParameters = MicrographParameters(),
     reconstruction: ReconstructionParameters = ReconstructionParameters(),
+    roi: RoiRequest = RoiRequest(),
 ) -> dict[str, Any]:
     """The whole chain for one sample; returns the summary (also written as JSON beside the PNG report)."""
     settings = flow_settings()
-    stages = 6
+    stages = 7
     progress.report("experiment (stages)", 0, stages)
     acquired = acquire_tomography(sample, tomography)
     progress.report("experiment (stages)", 1, stages)
@@ -205,7 +218,9 @@ def correlative_experiment(
     progress.report("experiment (stages)", 4, stages)
     registered = register(sample, volume.volume_path, imaged.run_uid, micrograph)
     progress.report("experiment (stages)", 5, stages)
-    summary = summarize(settings, sample, acquired, moved, volume, imaged, registered)
+    handed_off = roi_handoff(sample, volume.volume_path, registered, roi)
     progress.report("experiment (stages)", 6, stages)
+    summary = summarize(settings, sample, acquired, moved, volume, imaged, registered, handed_off)
+    progress.report("experiment (stages)", 7, stages)
     print(f"summary: {summary['summary_path']}")
     return summary

@@ -346,3 +346,36 @@ def test_register_microscope_to_slice_validates_arguments(images):
         register(micrograph, slice_image[None])
     with pytest.raises(ValueError, match="slice_z_um"):
         register(micrograph, slice_image, slice_z_um=np.nan)
+
+
+# ---------------------------------------------------------------- confidence of the fiducial fit
+
+
+def test_position_uncertainty_predicts_the_actual_error():
+    """Monte Carlo: the predicted 1-sigma error matches the rms error of the fitted transform (within 15 %),
+    inside the fiducial cloud and far outside it (extrapolation grows the error)."""
+    rng = np.random.default_rng(8)
+    moving = rng.uniform(0, 100, (6, 2))
+    linear = np.array([[0.98, -0.2], [0.2, 0.98]])
+    query = np.array([[50.0, 50.0], [250.0, 250.0]])
+    errors, predicted = [], []
+    for _ in range(300):
+        fixed = moving @ linear.T + [5.0, -3.0] + rng.normal(0, 0.5, moving.shape)
+        fit = fit_landmarks(moving, fixed, inlier_tolerance=100.0)
+        errors.append(np.linalg.norm(fit.apply(query) - (query @ linear.T + [5.0, -3.0]), axis=1))
+        predicted.append(fit.position_uncertainty(query))
+    rms, mean_predicted = np.sqrt(np.mean(np.square(errors), axis=0)), np.mean(predicted, axis=0)
+    np.testing.assert_allclose(mean_predicted, rms, rtol=0.15)
+    assert mean_predicted[1] > 3 * mean_predicted[0]
+    # Three points determine an affine transform exactly: nothing is left to estimate the error from.
+    exact = fit_landmarks(moving[:3], moving[:3] * 2.0, model="affine")
+    assert exact.redundancy == 0 and np.isinf(exact.position_uncertainty(query)).all()
+
+
+def test_registration_result_carries_the_predicted_field_error(images):
+    micrograph, slice_image = images
+    result = register(micrograph, slice_image)
+    # 7 fiducials, ~0.2 um residuals: the predicted 1-sigma error at the field corners is a fraction of a
+    # micrometre, and consistent with the measured corner error (< 1 um, see the test above).
+    assert 0.0 < result.uncertainty_um < 1.0
+    assert "predicted field error" in result.message
