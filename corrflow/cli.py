@@ -28,6 +28,15 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+def _register_sub_apps() -> None:
+    from corrflow.cli_sim import sim_app
+
+    app.add_typer(sim_app, name="sim")
+
+
+_register_sub_apps()
+
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file (else $CORRFLOW_CONFIG, env, defaults)")
 ]

@@ -483,10 +483,11 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
         if name == "event" and stream_of.get(doc["descriptor"]) in keys["image_key_by_stream"]:
             latest[(doc["descriptor"], doc["seq_num"])] = doc
     events = [latest[key] for key in sorted(latest, key=lambda key: (rank[key[0]], key[1]))]
-    if not events:
+    fly_stream = keys.get("fly_stream")
+    if not events and fly_stream is None:
         raise ValueError("the run holds no dark, flat or projection events")
 
-    open_files: dict[str, h5py.Dataset] = {}
+    open_files: dict[str, h5py.File] = {}
     frames, columns = [], {k: [] for k in ("image_key", "angle", "x", "y", "z")}
     try:
         for event in events:
@@ -496,9 +497,13 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
             columns["angle"].append(data[keys["rotation_angle_data_key"]])
             for axis in "xyz":
                 columns[axis].append(data[keys[f"{axis}_translation_data_key"]])
+        if fly_stream is not None:
+            _append_fly_frames(docs, keys, stream_of, resources, open_files, frames, columns)
     finally:
-        for dataset in open_files.values():
-            dataset.file.close()
+        for handle in open_files.values():
+            handle.close()
+    if not frames:
+        raise ValueError("the run holds no frames")
     settings = start["settings"]["parameters"]
     identification = start["identification"]
     return dict(
@@ -522,11 +527,64 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
     )
 
 
+def _append_fly_frames(
+    docs: list[tuple[str, Mapping[str, Any]]],
+    keys: Mapping[str, Any],
+    stream_of: Mapping[str, str],
+    resources: Mapping[str, Mapping[str, Any]],
+    open_files: dict[str, h5py.File],
+    frames: list[Any],
+    columns: dict[str, list[Any]],
+) -> None:
+    """Projections of a fly scan: frames and their recorded geometry, announced by stream datums only.
+
+    For each ``stream_datum`` of the fly stream's image, the frames at its indices, and from the
+    datums of the same range for the angle and translation data keys, the value recorded with
+    each frame (NDAttributes of the detector file). A range announced twice keeps the last copy.
+    """
+    wanted = {
+        keys["image_data_key"]: "image",
+        keys["fly_rotation_angle_data_key"]: "angle",
+        keys["fly_x_translation_data_key"]: "x",
+        keys["fly_y_translation_data_key"]: "y",
+        keys["fly_z_translation_data_key"]: "z",
+    }
+    by_range: dict[tuple[int, int], dict[str, Mapping[str, Any]]] = {}
+    for name, doc in docs:
+        if name != "stream_datum" or stream_of.get(doc["descriptor"]) != keys["fly_stream"]:
+            continue
+        column = wanted.get(resources[doc["stream_resource"]]["data_key"])
+        if column is not None:
+            by_range.setdefault((doc["seq_nums"]["start"], doc["seq_nums"]["stop"]), {})[column] = doc
+    for seq_range in sorted(by_range):
+        group = by_range[seq_range]
+        missing = set(wanted.values()) - set(group)
+        if missing:
+            raise ValueError(f"fly stream frames {seq_range}: no stream_datum for {sorted(missing)}")
+        values = {column: _dataset_of(resources[datum["stream_resource"]], open_files) for column, datum in group.items()}
+        start, stop = group["image"]["indices"]["start"], group["image"]["indices"]["stop"]
+        frames.extend(values["image"][start:stop])
+        columns["image_key"].extend([IMAGE_KEY_PROJECTION] * (stop - start))
+        for column in ("angle", "x", "y", "z"):
+            datum = group[column]
+            columns[column].extend(values[column][datum["indices"]["start"] : datum["indices"]["stop"]])
+
+
+def _dataset_of(resource: Mapping[str, Any], open_files: dict[str, h5py.File]) -> h5py.Dataset:
+    uri = resource["uri"]
+    if not uri.startswith("file://localhost/"):
+        raise ValueError(f"stream resource {resource['uid']}: only file://localhost URIs are readable here, got {uri}")
+    # One handle per file (several data keys live in one detector file).
+    if uri not in open_files:
+        open_files[uri] = h5py.File(uri.removeprefix("file://localhost"), "r", swmr=True)
+    return open_files[uri][resource["parameters"]["dataset"]]
+
+
 def _frame_of(
     event: Mapping[str, Any],
     datums: list[Mapping[str, Any]],
     resources: Mapping[str, Mapping[str, Any]],
-    open_files: dict[str, h5py.Dataset],
+    open_files: dict[str, h5py.File],
 ) -> NDArray[np.uint16]:
     seq_num = event["seq_num"]
     for datum in reversed(datums):  # the last datum for a re-taken event points at its new frame
@@ -536,13 +594,7 @@ def _frame_of(
             break
     else:
         raise ValueError(f"event {event['uid']} (seq_num {seq_num}) has no stream_datum")
-    uri = resource["uri"]
-    if not uri.startswith("file://localhost/"):
-        raise ValueError(f"stream resource {resource['uid']}: only file://localhost URIs are readable here, got {uri}")
-    if uri not in open_files:
-        f = h5py.File(uri.removeprefix("file://localhost"), "r", swmr=True)
-        open_files[uri] = f[resource["parameters"]["dataset"]]
-    return open_files[uri][index]
+    return _dataset_of(resource, open_files)[index]
 
 
 def write_nxtomo_from_documents(path: Path | str, documents: Iterable[tuple[str, Mapping[str, Any]]]) -> Path:

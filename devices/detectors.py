@@ -65,6 +65,15 @@ class XrayDetector(StreamingDetector):
     """
 
     frame_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)
+    fly_attribute_keys: ClassVar[dict[str, tuple[str, str]]] = {
+        "rotation_angle": ("RotationAngle", "deg"),
+        "x_translation": ("SampleX", "um"),
+        "y_translation": ("SampleY", "um"),
+        "z_translation": ("SampleZ", "um"),
+        "shutter_open": ("ShutterOpen", ""),
+        "temperature": ("SampleTemperature", "K"),
+        "timestamp": ("TimeStamp", "s"),
+    }
 
     image_key = Cpt(ConfigSignal, value=IMAGE_KEY_PROJECTION, kind="normal", check=_check_image_key)
     saturated_px = Cpt(ReadbackSignal, value=0, kind="normal", units="px")
@@ -109,6 +118,33 @@ class XrayDetector(StreamingDetector):
             "z_um": float(stage.z.position),
             "shutter_open": self._shutter.is_open,
         }
+
+    def _exposure_inputs_at(self, time_s: float) -> dict[str, Any]:
+        stage = self._stage
+        return {
+            "angle_deg": float(stage.rotation.position_at(time_s)),
+            "x_um": float(stage.x.position_at(time_s)),
+            "y_um": float(stage.y.position_at(time_s)),
+            "z_um": float(stage.z.position_at(time_s)),
+            "shutter_open": self._shutter.is_open,
+        }
+
+    def _fly_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        # A frame taken while the stage moves integrates over the path; it is simulated at the
+        # middle of the exposure, and that geometry is what the frame's attributes record.
+        inputs = {key: 0.5 * (start[key] + end[key]) for key in ("angle_deg", "x_um", "y_um", "z_um")}
+        inputs["shutter_open"] = bool(start["shutter_open"] and end["shutter_open"])
+        attributes = {
+            "RotationAngle": inputs["angle_deg"],
+            "RotationAngleStart": start["angle_deg"],
+            "RotationAngleEnd": end["angle_deg"],
+            "SampleX": inputs["x_um"],
+            "SampleY": inputs["y_um"],
+            "SampleZ": inputs["z_um"],
+            "ShutterOpen": 1.0 if inputs["shutter_open"] else 0.0,
+            "SampleTemperature": self._world.measure_temperature_K(),
+        }
+        return inputs, attributes
 
     def _acquire_frame(self, *, exposure_s: float, inputs: dict[str, Any]) -> np.ndarray:
         world = self._world

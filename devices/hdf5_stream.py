@@ -18,26 +18,26 @@ It implements bluesky's ``WritesStreamAssets`` protocol the way ophyd-async's HD
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 from uuid import uuid4
 
 import h5py
 import numpy as np
-from event_model import StreamDatum, StreamRange, StreamResource
+from event_model import StreamDatum, StreamResource
 from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import DeviceStatus
 
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, positive_finite
+from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, HDF5_MIMETYPE, stream_asset_docs
 
-__all__ = ["DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter", "StreamingDetector", "new_uid"]
-
-DATASET_PATH = "/entry/data/data"
-HDF5_MIMETYPE = "application/x-hdf5"
+__all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter", "StreamingDetector", "fly_request", "new_uid"]
 
 
 def new_uid() -> str:
@@ -63,7 +63,9 @@ class HDF5FrameWriter:
         ``path`` exists (files are never overwritten).
     """
 
-    def __init__(self, path: Path, *, frame_shape: tuple[int, int], dtype: np.dtype | type) -> None:
+    def __init__(
+        self, path: Path, *, frame_shape: tuple[int, int], dtype: np.dtype | type, attribute_names: tuple[str, ...] = ()
+    ) -> None:
         self.path = Path(path).absolute()
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.dtype = np.dtype(dtype)
@@ -83,6 +85,17 @@ class HDF5FrameWriter:
                 chunks=(1, *self.frame_shape),
                 dtype=self.dtype,
             )
+            # Per-frame values (e.g. the rotation angle of a fly scan), laid out as areaDetector's
+            # HDF5 plugin writes NDAttributes.
+            self._attributes: dict[str, h5py.Dataset] = {}
+            if attribute_names:
+                instrument = entry.create_group("instrument")
+                group = instrument.create_group("NDAttributes")
+                group.attrs["NX_class"] = "NXcollection"
+                for name in attribute_names:
+                    self._attributes[name] = group.create_dataset(
+                        name, shape=(0,), maxshape=(None,), chunks=(256,), dtype=np.float64
+                    )
             # No new objects may be created after this; readers may now open the file.
             self._file.swmr_mode = True
         except BaseException:
@@ -95,8 +108,8 @@ class HDF5FrameWriter:
     def closed(self) -> bool:
         return self._file is None
 
-    def append(self, frame: np.ndarray) -> int:
-        """Append one frame and flush it to disk; returns the number of frames in the file."""
+    def append(self, frame: np.ndarray, attributes: dict[str, float] | None = None) -> int:
+        """Append one frame (and its attribute values) and flush; returns the number of frames in the file."""
         if self._file is None:
             raise RuntimeError(f"{self.path} is closed")
         frame = np.asarray(frame)
@@ -104,9 +117,13 @@ class HDF5FrameWriter:
             raise ValueError(f"frame shape {frame.shape} != detector shape {self.frame_shape}")
         if frame.dtype != self.dtype:
             raise ValueError(f"frame dtype {frame.dtype} != detector dtype {self.dtype}")
+        for name, dataset in self._attributes.items():
+            dataset.resize(self.n_frames + 1, axis=0)
+            dataset[self.n_frames] = float((attributes or {}).get(name, np.nan))
         self._dataset.resize(self.n_frames + 1, axis=0)
         self._dataset[self.n_frames] = frame
-        self._dataset.flush()
+        # One flush of the whole file per frame: SWMR readers then see the frame (and its attributes).
+        self._file.flush()
         self.n_frames += 1
         return self.n_frames
 
@@ -114,6 +131,42 @@ class HDF5FrameWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+FlyRequest = tuple[int, float, tuple[Any, float] | None]
+"""``(num_frames, period_s, (positioner, start position) or None)``."""
+
+
+def fly_request(device: Device, value: Mapping[str, Any] | None, *, exposure_s: float) -> FlyRequest | None:
+    """Check a ``prepare`` value.
+
+    ``None`` (one frame per trigger) or ``{"num_frames": n >= 1, "period_s": p >= exposure_s}``
+    with optionally ``"start": (positioner, position)``: the frames begin when that axis passes
+    that position (angle-triggered start), otherwise at ``kickoff()``.
+    """
+    if device._staged.value != "no":
+        raise RuntimeError(f"{device.name}: prepare() before stage(), not while staged")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not {"num_frames", "period_s"} <= set(value) <= {"num_frames", "period_s", "start"}:
+        raise ValueError(
+            f"{device.name}: prepare() takes None or {{'num_frames': n, 'period_s': p[, 'start': (axis, position)]}}, got {value!r}"
+        )
+    start = value.get("start")
+    if start is not None:
+        if not (isinstance(start, tuple) and len(start) == 2 and hasattr(start[0], "SUB_READBACK") and math.isfinite(start[1])):
+            raise ValueError(f"{device.name}: start must be (positioner, position), got {start!r}")
+        start = (start[0], float(start[1]))
+    frames, period_s = value["num_frames"], value["period_s"]
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"{device.name}: num_frames must be an integer >= 1, got {frames!r}")
+    if not (isinstance(period_s, int | float) and math.isfinite(period_s) and period_s >= exposure_s):
+        raise ValueError(f"{device.name}: period_s must be >= the exposure ({exposure_s} s), got {period_s!r}")
+    return int(frames), float(period_s), start
+
+
+_ARM_TIMEOUT_WALL_S = 60.0
+"""Longest wall-clock wait for the start axis of an armed fly scan to pass its start position."""
 
 
 class StreamingDetector(Device):
@@ -141,6 +194,8 @@ class StreamingDetector(Device):
     """
 
     frame_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)
+    fly_attribute_keys: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    """Per-frame values recorded in fly scans: ``{data key suffix: (NDAttribute name, units)}``."""
 
     frame_number = Cpt(ReadbackSignal, value=0, kind="normal")
     exposure_s = Cpt(ConfigSignal, value=0.1, kind="config", units="s", check=positive_finite)
@@ -172,6 +227,12 @@ class StreamingDetector(Device):
         self._resource_announced = False
         self._frames_announced = 0
         self._datum_count = 0
+        self._fly_request: FlyRequest | None = None
+        self._fly_frames: int | None = None
+        self._fly_period_s = 0.0
+        self._fly_start: tuple[Any, float] | None = None
+        self._fly_status: DeviceStatus | None = None
+        self._fly_uids: dict[str, str] = {}
         self.last_file_path: Path | None = None
 
     # -- facts ------------------------------------------------------------------------------
@@ -204,12 +265,26 @@ class StreamingDetector(Device):
     # -- bluesky staging ---------------------------------------------------------------------
     def stage(self) -> list[Any]:
         staged = super().stage()  # raises RedundantStaging if already staged
-        path = self._data_dir / f"{self.name}_{new_uid()}.h5"
+        request = self._fly_request
         try:
-            writer = HDF5FrameWriter(path, frame_shape=self._frame_shape, dtype=self.frame_dtype)
+            if request is None:
+                self._open_writer(attribute_names=())
+            else:
+                self._open_writer(attribute_names=tuple(attribute for attribute, _ in self.fly_attribute_keys.values()))
         except BaseException:
             super().unstage()
             raise
+        with self._lock:
+            if request is None:
+                self._fly_frames, self._fly_uids = None, {}
+            else:
+                self._fly_frames, self._fly_period_s, self._fly_start = request
+                self._fly_uids = {f"{self.name}_{suffix}": new_uid() for suffix in self.fly_attribute_keys}
+        return staged
+
+    def _open_writer(self, *, attribute_names: tuple[str, ...]) -> None:
+        path = self._data_dir / f"{self.name}_{new_uid()}.h5"
+        writer = HDF5FrameWriter(path, frame_shape=self._frame_shape, dtype=self.frame_dtype, attribute_names=attribute_names)
         with self._lock:
             self._writer = writer
             self._stream_resource_uid = new_uid()
@@ -218,11 +293,13 @@ class StreamingDetector(Device):
             self._datum_count = 0
         self.last_file_path = writer.path
         self.frame_number.put(0, internal=True)
-        return staged
 
     def unstage(self) -> list[Any]:
         with self._lock:
             writer, self._writer = self._writer, None
+            self._fly_frames = None
+            self._fly_request = None
+            self._fly_uids = {}
         if writer is not None:
             writer.close()
         return super().unstage()
@@ -293,7 +370,10 @@ class StreamingDetector(Device):
         return description
 
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, StreamResource | StreamDatum]]:
-        """Yield the stream resource of the open file once, then a datum for new frames.
+        """Yield the stream resource(s) of the open file once, then a datum for new frames.
+
+        In a fly scan (``prepare`` with frames, then ``stage``) the per-frame attributes are announced too,
+        each as a data key ``{name}_{suffix}`` of :attr:`fly_attribute_keys`.
 
         Parameters
         ----------
@@ -305,7 +385,6 @@ class StreamingDetector(Device):
             if writer is None or self._stream_resource_uid is None:
                 return
             written = writer.n_frames if index is None else min(int(index), writer.n_frames)
-            resource_uid = self._stream_resource_uid
             announce_resource = not self._resource_announced
             start = self._frames_announced
             datum_number = self._datum_count
@@ -314,22 +393,139 @@ class StreamingDetector(Device):
             if written > start:
                 self._frames_announced = written
                 self._datum_count += 1
+            uids = {self.image_data_key: self._stream_resource_uid, **self._fly_uids}
         rows, cols = self._frame_shape
-        if announce_resource:
-            resource: StreamResource = {
-                "uid": resource_uid,
-                "data_key": self.image_data_key,
-                "mimetype": HDF5_MIMETYPE,
-                "uri": f"file://localhost{writer.path}",
-                "parameters": {"dataset": DATASET_PATH, "chunk_shape": [1, rows, cols], "swmr": True},
+        datasets = {self.image_data_key: DATASET_PATH}
+        chunks = {self.image_data_key: [1, rows, cols]}
+        for suffix, (attribute, _units) in self.fly_attribute_keys.items():
+            datasets[f"{self.name}_{suffix}"] = f"{ATTRIBUTES_PATH}/{attribute}"
+            chunks[f"{self.name}_{suffix}"] = [256]
+        yield from stream_asset_docs(
+            path=writer.path,
+            resource_uids=uids,
+            datasets=datasets,
+            chunk_shapes=chunks,
+            announce_resources=announce_resource,
+            start=start,
+            stop=written,
+            datum_number=datum_number,
+        )
+
+    # -- fly scans ---------------------------------------------------------------------------------
+    def _fly_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        """The inputs of a frame exposed between states ``start`` and ``end``, and its attributes."""
+        return start, {}
+
+    def _exposure_inputs_at(self, time_s: float) -> dict[str, Any]:
+        """The instrument state at simulated time ``time_s`` (default: now); fly scans use it."""
+        return self._exposure_inputs()
+
+    def prepare(self, value: Mapping[str, Any] | None) -> DeviceStatus:
+        """Choose what the next staging opens (bluesky ``Preparable``; before ``stage()``).
+
+        Parameters
+        ----------
+        value
+            ``{"num_frames": n, "period_s": p}``: a fly scan of ``n`` frames started by
+            ``kickoff()``, one every ``p`` simulated seconds (``p`` >= the exposure), each
+            recording :attr:`fly_attribute_keys`; ``None``: one frame per ``trigger()``.
+
+        Raises
+        ------
+        ValueError
+            Bad counts or period; RuntimeError when already staged.
+        """
+        self._fly_request = fly_request(self, value, exposure_s=float(self.exposure_s.get()))
+        status = DeviceStatus(self, timeout=self._clock.timeout_s(0.0))
+        status.set_finished()
+        return status
+
+    def kickoff(self) -> DeviceStatus:
+        """Start (or arm, with a start position) the prepared frames; the status finishes at once.
+
+        Armed, the frames begin when the start axis's next move passes the start position: the
+        time of passage comes from the simulated axis' exact trajectory, so the frames begin at
+        the right angle whatever the wall-clock latencies.
+        """
+        with self._lock:
+            frames = self._fly_frames
+            if frames is None or self._writer is None:
+                raise RuntimeError(f"{self.name}: prepare({{'num_frames': n, 'period_s': p}}) and stage() before kickoff()")
+            if self._acquiring:
+                raise RuntimeError(f"{self.name}: kickoff() while acquiring")
+            self._acquiring = True
+        period_s = self._fly_period_s
+        exposure_s = float(self.exposure_s.get())
+        armed_s = self._clock.now_s()
+        self._fly_status = DeviceStatus(self, timeout=self._clock.timeout_s(frames * period_s) + _ARM_TIMEOUT_WALL_S)
+        threading.Thread(
+            target=self._fly,
+            args=(frames, period_s, exposure_s, self._fly_status, self._fly_start, armed_s),
+            name=f"{self.name}-fly",
+            daemon=True,
+        ).start()
+        started = DeviceStatus(self, timeout=self._clock.timeout_s(0.0))
+        started.set_finished()
+        return started
+
+    def complete(self) -> DeviceStatus:
+        """The status of the fly acquisition: finished when every frame is in the file."""
+        if self._fly_status is None:
+            raise RuntimeError(f"{self.name}: kickoff() before complete()")
+        return self._fly_status
+
+    def describe_collect(self) -> dict[str, dict[str, Any]]:
+        """Data keys of the fly stream: the image and the per-frame attributes (all external)."""
+        keys = {self.image_data_key: self.describe()[self.image_data_key]}
+        for suffix, (attribute, units) in self.fly_attribute_keys.items():
+            keys[f"{self.name}_{suffix}"] = {
+                "source": f"SIM:{self.name}:{attribute}",
+                "dtype": "number",
+                "dtype_numpy": "<f8",
+                "shape": [],
+                "units": units,
+                "external": "STREAM:",
             }
-            yield "stream_resource", resource
-        if written > start:
-            datum: StreamDatum = {
-                "uid": f"{resource_uid}/{datum_number}",
-                "stream_resource": resource_uid,
-                "descriptor": "",  # the RunEngine fills in the descriptor uid
-                "indices": StreamRange(start=start, stop=written),
-                "seq_nums": StreamRange(start=0, stop=0),  # the RunEngine fills in the event numbers
-            }
-            yield "stream_datum", datum
+        return keys
+
+    def _wait_for_start(self, start: tuple[Any, float], armed_s: float) -> float:
+        motor, position = start
+        if not hasattr(motor, "time_passing"):
+            raise TypeError(f"{self.name}: a simulated fly scan starts on a simulated axis, got {type(motor).__name__}")
+        deadline = time.monotonic() + _ARM_TIMEOUT_WALL_S
+        while True:
+            passing_s = motor.time_passing(position, after_s=armed_s)
+            if passing_s is not None:
+                return passing_s
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: {motor.name} did not pass {position} within {_ARM_TIMEOUT_WALL_S} s")
+            time.sleep(0.001)
+
+    def _fly(
+        self, frames: int, period_s: float, exposure_s: float, status: DeviceStatus, start_at: tuple[Any, float] | None, armed_s: float
+    ) -> None:
+        clock = self._clock
+        try:
+            t0 = clock.now_s() if start_at is None else self._wait_for_start(start_at, armed_s)
+            for k in range(frames):
+                begin_s = t0 + k * period_s
+                # The geometry at the exposure's own simulated times; the write happens no sooner.
+                clock.sleep(begin_s + exposure_s - clock.now_s())
+                start = self._exposure_inputs_at(begin_s)
+                end = self._exposure_inputs_at(begin_s + exposure_s)
+                inputs, attributes = self._fly_inputs(start, end)
+                attributes = {**attributes, "TimeStamp": time.time(), "UniqueId": float(k + 1), "AcquireTime": exposure_s}
+                frame = self._acquire_frame(exposure_s=exposure_s, inputs=inputs)
+                with self._lock:
+                    if self._writer is None:
+                        raise RuntimeError(f"{self.name}: unstaged during a fly scan; frame {k} was not written")
+                    n_frames = self._writer.append(frame, attributes)
+                self.frame_number.put(n_frames, internal=True)
+        except BaseException as exc:  # the status carries the error to whoever waits on it
+            with self._lock:
+                self._acquiring = False
+            status.set_exception(exc)
+            return
+        with self._lock:
+            self._acquiring = False
+        status.set_finished()

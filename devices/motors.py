@@ -111,6 +111,9 @@ class SimMotor(Device, PositionerBase):
             signal._units = egu
         self._motion_lock = threading.Lock()
         self._interrupt: threading.Event | None = None
+        # (t0_s, start, target, velocity) of the latest move, in simulated time: the readback is
+        # only sampled a few hundred times per wall second, the profile gives the exact position.
+        self._profile: tuple[float, float, float, float] | None = None
         self.check_value(init_pos)
         self.setpoint.put(float(init_pos), internal=True)
         self.readback.put(float(init_pos), internal=True)
@@ -176,6 +179,7 @@ class SimMotor(Device, PositionerBase):
         with self._motion_lock:
             self._interrupt = interrupt
             self._moving = True
+            self._profile = (self._clock.now_s(), start, target, velocity)
         self.setpoint.put(target, internal=True)
         self.motor_is_moving.put(1, internal=True)
         self._run_subs(sub_type=self.SUB_START, timestamp=time.time())
@@ -194,12 +198,50 @@ class SimMotor(Device, PositionerBase):
         # stop is what finishes the pending move status.
         PositionerBase.stop(self, success=success)
 
+    # -- exact trajectory ---------------------------------------------------------------------
+    def _position_at_locked(self, time_s: float) -> float:
+        if self._profile is None:
+            return float(self.readback.get())
+        t0, start, target, velocity = self._profile
+        travelled = max(0.0, time_s - t0) * velocity
+        if travelled >= abs(target - start):
+            return target
+        return start + math.copysign(travelled, target - start)
+
+    def position_at(self, time_s: float) -> float:
+        """Exact position (``egu``) at simulated time ``time_s`` along the latest move.
+
+        The ``readback`` signal is sampled a few hundred times per *wall* second; a detector
+        exposing while this axis moves asks for the position at the exposure's own time instead.
+        """
+        with self._motion_lock:
+            return self._position_at_locked(time_s)
+
+    def time_passing(self, position: float, *, after_s: float = -math.inf) -> float | None:
+        """Simulated time at which the latest move passes ``position``.
+
+        ``None`` if that move does not pass it or began before simulated time ``after_s``.
+        """
+        with self._motion_lock:
+            if self._profile is None:
+                return None
+            t0, start, target, velocity = self._profile
+        if t0 < after_s:
+            return None
+        low, high = min(start, target), max(start, target)
+        if start == target or not low <= position <= high:
+            return None
+        return t0 + abs(position - start) / velocity
+
     # -- motion -----------------------------------------------------------------------------
     def _halt_motion(self) -> None:
         with self._motion_lock:
             if self._interrupt is not None:
                 self._interrupt.set()
                 self._interrupt = None
+                # Stopped where it is now: the profile becomes a standstill there.
+                here = self._position_at_locked(self._clock.now_s())
+                self._profile = (self._clock.now_s(), here, here, 1.0)
             self._moving = False
         self.motor_is_moving.put(0, internal=True)
 

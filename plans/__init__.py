@@ -3,6 +3,13 @@
 Each plan function validates its arguments when called (:class:`PlanValidationError`) and returns
 the plan; its keyword-only parameters are typed so a CLI or a form can be generated from the
 signature. The first positional parameter is the instrument the plan runs on.
+
+Layers (as bluesky's): stubs (:mod:`.stubs`: frames, settle, wait for a position) -> wrappers
+(bluesky's ``run``/``stage``/``finalize`` preprocessors) -> plans: :mod:`.tomography` (step scan),
+:mod:`.fly` (continuous rotation), :mod:`.mosaic` (X-ray and micrograph tiling), :mod:`.insitu`
+(temperature series, time-lapse), :mod:`.alignment` (rotation axis), :mod:`.relocation` (ROI via a
+4x4 transform), :mod:`.microscopy` (micrograph). :mod:`.interruptions` holds the suspenders and
+the EPICS connection watcher.
 """
 
 from __future__ import annotations
@@ -13,19 +20,31 @@ from typing import Any, Literal
 
 from bluesky.utils import MsgGenerator
 
+from corrflow.plans.alignment import align_rotation_axis, estimate_align_rotation_axis
+from corrflow.plans.fly import tomo_fly_scan
+from corrflow.plans.insitu import estimate_temperature_series, estimate_time_lapse, temperature_series, time_lapse
 from corrflow.plans.metadata import RegionOfInterest, SampleInfo
 from corrflow.plans.microscopy import micrograph
+from corrflow.plans.mosaic import estimate_micrograph_mosaic, estimate_xray_mosaic, micrograph_mosaic, xray_mosaic
+from corrflow.plans.relocation import estimate_relocate_roi, relocate_roi
 from corrflow.plans.tomography import tomo_scan
 from corrflow.plans.validation import (
     PlanEstimate,
     PlanValidationError,
     estimate_micrograph,
+    estimate_tomo_fly_scan,
     estimate_tomo_scan,
     summarize_messages,
 )
 
 __all__ = [
     "PLANS",
+    "align_rotation_axis",
+    "micrograph_mosaic",
+    "relocate_roi",
+    "temperature_series",
+    "time_lapse",
+    "xray_mosaic",
     "PLAN_SPECS",
     "PlanEstimate",
     "PlanSpec",
@@ -33,9 +52,11 @@ __all__ = [
     "RegionOfInterest",
     "SampleInfo",
     "estimate_micrograph",
+    "estimate_tomo_fly_scan",
     "estimate_tomo_scan",
     "micrograph",
     "summarize_messages",
+    "tomo_fly_scan",
     "tomo_scan",
 ]
 
@@ -56,6 +77,13 @@ class PlanSpec:
 
 PLAN_SPECS: Mapping[str, PlanSpec] = {
     "tomo_scan": PlanSpec(plan=tomo_scan, estimate=estimate_tomo_scan, instrument="beamline"),
+    "tomo_fly_scan": PlanSpec(plan=tomo_fly_scan, estimate=estimate_tomo_fly_scan, instrument="beamline"),
+    "xray_mosaic": PlanSpec(plan=xray_mosaic, estimate=estimate_xray_mosaic, instrument="beamline"),
+    "temperature_series": PlanSpec(plan=temperature_series, estimate=estimate_temperature_series, instrument="beamline"),
+    "time_lapse": PlanSpec(plan=time_lapse, estimate=estimate_time_lapse, instrument="beamline"),
+    "align_rotation_axis": PlanSpec(plan=align_rotation_axis, estimate=estimate_align_rotation_axis, instrument="beamline"),
+    "micrograph_mosaic": PlanSpec(plan=micrograph_mosaic, estimate=estimate_micrograph_mosaic, instrument="microscope"),
+    "relocate_roi": PlanSpec(plan=relocate_roi, estimate=estimate_relocate_roi, instrument="microscope"),
     "micrograph": PlanSpec(plan=micrograph, estimate=estimate_micrograph, instrument="microscope"),
 }
 

@@ -42,7 +42,7 @@ from corrflow.plans.stubs import frames_at_positions, repeated_frames
 from corrflow.plans.validation import PlanValidationError, TomoDevices, TomoScanRequest, validate_tomo_scan
 from corrflow.processing.transforms import similarity
 
-__all__ = ["tomo_scan", "IMAGE_KEY_BY_STREAM", "GEOMETRY_CONVENTIONS"]
+__all__ = ["GEOMETRY_CONVENTIONS", "IMAGE_KEY_BY_STREAM", "reference_frames", "tomo_scan"]
 
 IMAGE_KEY_BY_STREAM = {"dark": IMAGE_KEY_DARK, "flat": IMAGE_KEY_FLAT, "primary": IMAGE_KEY_PROJECTION}
 
@@ -205,11 +205,12 @@ def _tomo_scan_plan(request: TomoScanRequest, start_md: dict[str, Any]) -> MsgGe
     return (yield from run())
 
 
-def _streams(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+def reference_frames(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+    """Dark frames (shutter closed), then flat frames (sample out of the beam); ends with the
+    shutter open, the stage back at ``x0`` and ``image_key`` set to projection."""
     devices = request.devices
     stage, detector, shutter = devices.stage, devices.detector, devices.shutter
-    # Geometry (stage), beam (shutter) and, in situ, the sample temperature go with every frame.
-    readables = [stage, shutter] + ([devices.heater] if devices.heater is not None else [])
+    readables = _readables(request)
     yield from bps.mv(detector.exposure_s, request.exposure_s)
 
     yield from bps.mv(shutter, "closed", detector.image_key, IMAGE_KEY_DARK)
@@ -219,6 +220,17 @@ def _streams(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
     yield from repeated_frames(detector, readables, stream="flat", num_frames=request.num_flats)
 
     yield from bps.mv(stage.x, x0, detector.image_key, IMAGE_KEY_PROJECTION)
+
+
+def _readables(request: TomoScanRequest) -> list[Any]:
+    # Geometry (stage), beam (shutter) and, in situ, the sample temperature go with every frame.
+    devices = request.devices
+    return [devices.stage, devices.shutter] + ([devices.heater] if devices.heater is not None else [])
+
+
+def _streams(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+    yield from reference_frames(request, x0=x0)
+    devices = request.devices
     yield from frames_at_positions(
-        detector, readables, motor=stage.rotation, positions=request.angles_deg, stream="primary"
+        devices.detector, _readables(request), motor=devices.stage.rotation, positions=request.angles_deg, stream="primary"
     )

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import math
 import numbers
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from bluesky.utils import Msg
 from pydantic import ValidationError
 
 from corrflow.devices.beamline import Beamline
 from corrflow.devices.detectors import XrayDetector
+from corrflow.devices.epics_detector import EpicsMicroscopeDetector, EpicsXrayDetector
+from corrflow.devices.epics_heater import EpicsHeater
+from corrflow.devices.epics_source import BeamMonitor, EpicsShutter
+from corrflow.devices.epics_stage import EpicsMicroscopeStage, EpicsSampleStage
 from corrflow.devices.heater import Heater
+from corrflow.devices.kinds import HEATER_TYPES, SAMPLE_STAGE_TYPES, SHUTTER_TYPES, XRAY_DETECTOR_TYPES
 from corrflow.devices.microscope import MicroscopeDetector
 from corrflow.devices.sem import Microscope
 from corrflow.devices.shutter import Shutter
@@ -35,18 +43,31 @@ __all__ = [
     "PlanEstimate",
     "PlanValidationError",
     "TomoDevices",
+    "TomoFlyScanRequest",
     "TomoScanRequest",
     "estimate_micrograph",
+    "estimate_tomo_fly_scan",
     "estimate_tomo_scan",
     "summarize_messages",
     "tomo_devices",
     "validate_micrograph",
+    "validate_tomo_fly_scan",
     "validate_tomo_scan",
 ]
 
 MAX_EXPOSURE_S = 3600.0
 MAX_PROJECTIONS = 100_000
 MAX_REFERENCE_FRAMES = 10_000
+DISK_RESERVE_BYTES = 100 * 2**20
+"""Free space a plan must leave on the detector's file system (bytes)."""
+
+
+def free_bytes(path: Path) -> tuple[int, Path]:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent), and that parent."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free, where
 
 
 class PlanValidationError(ValueError):
@@ -84,13 +105,14 @@ class TomoDevices:
     With a ``heater``, its temperature is read with every frame (in-situ provenance).
     """
 
-    stage: SampleStage
-    detector: XrayDetector
-    shutter: Shutter
-    heater: Heater | None = None
+    stage: SampleStage | EpicsSampleStage
+    detector: XrayDetector | EpicsXrayDetector
+    shutter: Shutter | EpicsShutter
+    heater: Heater | EpicsHeater | None = None
     instrument: str = "tomography"
     facility: str = "unknown"
     frame: str = "beamline_sample"
+    beam: BeamMonitor | None = None
 
 
 class _Checks:
@@ -176,6 +198,17 @@ class _Checks:
             self.fail(f"{name} must hold non-empty strings, got {bad!r}")
         return tuple(str(uid) for uid in value)
 
+    def disk_space(self, detector: Any, *, n_frames: int) -> None:
+        """Fail unless the detector's data directory has room for ``n_frames`` frames (and a margin)."""
+        rows, cols = detector.frame_shape_px
+        needed = n_frames * rows * cols * np.dtype(detector.frame_dtype).itemsize
+        free, where = free_bytes(detector.data_dir)
+        if needed + DISK_RESERVE_BYTES > free:
+            self.fail(
+                f"the detector data ({needed} bytes for {n_frames} frames) does not fit in the "
+                f"{free} bytes free at {where} (keeping {DISK_RESERVE_BYTES} bytes in reserve)"
+            )
+
     def raise_if_any(self, plan_name: str) -> None:
         if self.problems:
             raise PlanValidationError(plan_name, self.problems)
@@ -200,6 +233,7 @@ def tomo_devices(beamline: Any) -> TomoDevices:
             instrument=beamline.name,
             facility=beamline.facility,
             frame=beamline.frame,
+            beam=beamline.beam,
         )
     elif isinstance(beamline, tuple) and len(beamline) == 3:
         devices = TomoDevices(*beamline)
@@ -208,11 +242,12 @@ def tomo_devices(beamline: Any) -> TomoDevices:
             "tomo_scan", [f"beamline must be a Beamline or a (stage, detector, shutter) tuple, got {beamline!r}"]
         )
     problems = []
-    for attr, kind in (("stage", SampleStage), ("detector", XrayDetector), ("shutter", Shutter)):
-        if not isinstance(getattr(devices, attr), kind):
-            problems.append(f"beamline {attr} must be a {kind.__name__}, got {type(getattr(devices, attr)).__name__}")
-    if devices.heater is not None and not isinstance(devices.heater, Heater):
-        problems.append(f"beamline heater must be a Heater or None, got {type(devices.heater).__name__}")
+    for attr, kinds in (("stage", SAMPLE_STAGE_TYPES), ("detector", XRAY_DETECTOR_TYPES), ("shutter", SHUTTER_TYPES)):
+        if not isinstance(getattr(devices, attr), kinds):
+            names = " or ".join(kind.__name__ for kind in kinds)
+            problems.append(f"beamline {attr} must be a {names}, got {type(getattr(devices, attr)).__name__}")
+    if devices.heater is not None and not isinstance(devices.heater, HEATER_TYPES):
+        problems.append(f"beamline heater must be a Heater, an EpicsHeater or None, got {type(devices.heater).__name__}")
     if problems:
         raise PlanValidationError("tomo_scan", problems)
     return devices
@@ -317,6 +352,8 @@ def validate_tomo_scan(
             checks.fail(
                 f"flat_offset_x_um ({offset}) moves x from {x0} to {x0 + offset} um, outside its limits [{low}, {high}] um"
             )
+    if n_proj is not None and darks is not None and flats is not None:
+        checks.disk_space(detector, n_frames=n_proj + darks + flats)
     checks.raise_if_any("tomo_scan")
     return TomoScanRequest(
         devices=devices,
@@ -333,6 +370,98 @@ def validate_tomo_scan(
         initial_x_um=x0,
         initial_rotation_deg=float(stage.rotation.position),
     )
+
+
+@dataclass(frozen=True)
+class TomoFlyScanRequest:
+    """Validated arguments of ``tomo_fly_scan``: those of a step scan plus the continuous rotation."""
+
+    tomo: TomoScanRequest
+    readout_s: float
+    period_s: float
+    velocity_deg_per_s: float
+    run_up_deg: float
+    nominal_velocity_deg_per_s: float
+
+    @property
+    def first_deg(self) -> float:
+        """Where the rotation starts moving (deg): ``start_deg - run_up_deg``."""
+        return self.tomo.start_deg - self.run_up_deg
+
+    @property
+    def last_deg(self) -> float:
+        """Where the rotation stops (deg): ``stop_deg + run_up_deg``."""
+        return self.tomo.stop_deg + self.run_up_deg
+
+
+def validate_tomo_fly_scan(
+    beamline: Any, *, readout_s: Any = 0.001, run_up_deg: Any = None, **kwargs: Any
+) -> TomoFlyScanRequest:
+    """Check ``tomo_fly_scan``: the step-scan checks, then the continuous rotation.
+
+    The rotation turns at ``(stop_deg - start_deg) / (num_projections * period)`` with
+    ``period = exposure_s + readout_s``; that speed must not exceed the axis' current
+    (nominal) velocity, and the whole path ``[start_deg - run_up_deg, stop_deg + run_up_deg]``
+    must be within the rotation's soft limits. ``run_up_deg`` defaults to two angular steps.
+
+    Raises
+    ------
+    PlanValidationError
+        Listing every problem found.
+    """
+    tomo = validate_tomo_scan(beamline, **kwargs)
+    checks = _Checks()
+    readout = checks.number("readout_s", readout_s, unit="s", le=MAX_EXPOSURE_S)
+    if readout is not None and readout < 0:
+        checks.fail(f"readout_s must be >= 0 s, got {readout}")
+    checks.raise_if_any("tomo_fly_scan")
+    period_s = tomo.exposure_s + readout  # type: ignore[operator]
+    span_deg = tomo.stop_deg - tomo.start_deg
+    velocity = span_deg / (tomo.num_projections * period_s)
+    step_deg = span_deg / tomo.num_projections
+    run_up = 2.0 * step_deg if run_up_deg is None else checks.number("run_up_deg", run_up_deg, unit="deg")
+    rotation = tomo.devices.stage.rotation
+    nominal = float(rotation.velocity.get())
+    if velocity > nominal:
+        checks.fail(
+            f"the rotation would turn at {velocity:.4g} deg/s, above its velocity {nominal:.4g} deg/s: "
+            f"lengthen exposure_s or readout_s, or take fewer projections"
+        )
+    if run_up is not None:
+        if run_up < 0:
+            checks.fail(f"run_up_deg must be >= 0 deg, got {run_up}")
+        low, high = rotation.limits
+        if tomo.start_deg - run_up < low or tomo.stop_deg + run_up > high:
+            checks.fail(
+                f"the fly path [{tomo.start_deg - run_up}, {tomo.stop_deg + run_up}] deg (with run-up) exceeds "
+                f"the rotation limits [{low}, {high}] deg"
+            )
+    checks.raise_if_any("tomo_fly_scan")
+    return TomoFlyScanRequest(
+        tomo=tomo,
+        readout_s=float(readout),  # type: ignore[arg-type]
+        period_s=period_s,
+        velocity_deg_per_s=velocity,
+        run_up_deg=float(run_up),  # type: ignore[arg-type]
+        nominal_velocity_deg_per_s=nominal,
+    )
+
+
+def estimate_tomo_fly_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
+    """Duration and data volume of ``tomo_fly_scan(beamline, **kwargs)`` (validates first)."""
+    request = validate_tomo_fly_scan(beamline, **kwargs)
+    tomo = request.tomo
+    step = _estimate_tomo(tomo)
+    stage = tomo.devices.stage
+    rotation_v, x_v = request.nominal_velocity_deg_per_s, float(stage.x.velocity.get())
+    references_s = (tomo.num_darks + tomo.num_flats) * tomo.exposure_s + 2 * abs(tomo.flat_offset_x_um) / x_v
+    motion_s = (
+        abs(request.first_deg - tomo.initial_rotation_deg) / rotation_v
+        + (request.last_deg - request.first_deg) / request.velocity_deg_per_s
+        + abs(request.last_deg - tomo.initial_rotation_deg) / rotation_v
+    )
+    shutter_s = 3 * float(tomo.devices.shutter.actuation_time_s.get())
+    return PlanEstimate(duration_s=references_s + motion_s + shutter_s, data_bytes=step.data_bytes, n_frames=step.n_frames)
 
 
 def estimate_tomo_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
@@ -373,8 +502,8 @@ def _estimate_tomo(request: TomoScanRequest) -> PlanEstimate:
 class MicrographRequest:
     """Validated arguments of ``micrograph``."""
 
-    stage: MicroscopeStage
-    detector: MicroscopeDetector
+    stage: MicroscopeStage | EpicsMicroscopeStage
+    detector: MicroscopeDetector | EpicsMicroscopeDetector
     instrument: str
     facility: str
     frame: str

@@ -7,6 +7,8 @@
 - :mod:`.heater`: furnace with first-order lag, ramp-rate limit and sensor noise.
 - :mod:`.microscope`: backscatter-like SEM image of the sectioned plane in the microscope stage frame.
 - :mod:`.world`: :class:`SimulatedWorld`, the shared sample, heater, clock and true transforms.
+- :mod:`.ioc`: the same physics served as caproto EPICS IOCs (stage, detector, furnace, source,
+  microscope) on 127.0.0.1; ``python -m corrflow.simulators.ioc NAME --prefix P``.
 """
 
 from corrflow.simulators.heater import HeaterModel

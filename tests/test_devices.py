@@ -139,16 +139,22 @@ def test_factories_build_nothing_at_import():
         assert not [name for name, value in vars(module).items() if isinstance(value, Device)]
 
 
-def test_epics_mode_is_refused_with_a_pointer_to_the_issue(tmp_path, world):
+def test_epics_mode_is_picked_by_one_setting_and_needs_no_world(tmp_path, monkeypatch):
+    # The EPICS devices are tested against the caproto IOCs (tests/test_epics_*.py); no Channel
+    # Access channel is created here: a process's CA library reads its address list only once.
     settings = load_settings(
         data_root=tmp_path,
         beamline={"mode": "epics", "epics_prefix": "BL:TOMO:"},
         microscope={"mode": "epics", "epics_prefix": "SEM:"},
     )
-    with pytest.raises(NotImplementedError, match="issue #3"):
-        build_beamline(settings, world)
-    with pytest.raises(NotImplementedError, match="issue #3"):
-        build_microscope(settings, world)
+    built = []
+    monkeypatch.setattr(
+        beamline_module, "_build_epics_beamline", lambda s, directory, timeout: built.append((s.beamline.epics_prefix, directory)) or "epics-beamline"
+    )
+    assert build_beamline(settings) == "epics-beamline"
+    assert built == [("BL:TOMO:", settings.beamline_storage)]
+    with pytest.raises(TypeError, match="SimulatedWorld"):
+        build_beamline(load_settings(data_root=tmp_path))
 
 
 def test_beamline_defaults_to_settings_storage(settings, world):

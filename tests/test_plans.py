@@ -388,7 +388,10 @@ def test_estimate_counts_frames_bytes_and_motion(beamline):
 
 
 def test_plan_registry_exposes_typed_keyword_parameters():
-    assert set(PLANS) == {"tomo_scan", "micrograph"}
+    assert set(PLANS) == {
+        "tomo_scan", "tomo_fly_scan", "xray_mosaic", "temperature_series", "time_lapse", "align_rotation_axis",
+        "micrograph", "micrograph_mosaic", "relocate_roi",
+    }
     assert PLAN_SPECS["tomo_scan"].instrument == "beamline"
     for plan in PLANS.values():
         parameters = list(inspect.signature(plan).parameters.values())

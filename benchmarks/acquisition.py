@@ -1,0 +1,229 @@
+"""Acquisition benchmark: RunEngine overhead per event and detector frames into HDF5, corrflow vs peers.
+
+Run from the project root::
+
+    python -m benchmarks.acquisition            # 500 events, 150 frames of 1024 x 1024, best of 5
+    python -m benchmarks.acquisition --quick    # 200 events, 60 frames, best of 3 (about a minute)
+
+Cases (shared/DESIGN.md, "Benchmarks convention")
+-------------------------------------------------
+``event_overhead``  ``seconds`` = wall time per event of ``bluesky.plans.count`` (no delay), one
+    RunEngine per row, all in this process:
+
+    - ``bluesky+ophyd.sim``: the peer, ``count([ophyd.sim.det])``, no subscriber;
+    - ``bluesky+ophyd.sim+catalog``: the same, every document into the catalog (TiledWriter, batch 100,
+      in-process Tiled on SQLite, as corrflow's flows do);
+    - ``corrflow-sim``: ``count`` of corrflow's simulated stage (6 axes), shutter and furnace;
+    - ``corrflow-sim+catalog``: the same into the catalog;
+    - ``corrflow-epics+catalog``: the EPICS stage, shutter, furnace and ring current of the simulated
+      facility (caproto IOCs on 127.0.0.1 over Channel Access), into the catalog;
+    - ``bluesky+ophyd.sim (8 devices)`` (and ``+catalog``): the like-for-like peer, eight ``ophyd.sim``
+      readables (6 ``SynAxis``, 2 ``SynGauss``) as corrflow's rows read eight devices.
+
+    ``ratio`` compares each row with its like-for-like peer: ``bluesky+ophyd.sim`` for itself,
+    ``bluesky+ophyd.sim (8 devices)`` (with or without the catalog) for the corrflow rows.
+``hdf5_frames``  ``seconds`` = wall time to write N uint16 frames (1024 x 1024, 2 MiB each, the same
+    precomputed frames for everyone) to a new HDF5 file, file creation and close included;
+    ``throughput_MBps`` = N x 2 MiB / seconds (10^6 bytes per MB):
+
+    - ``h5py``: the peer, a dataset of the final shape written frame by frame, no flush;
+    - ``h5py append+flush``: what a live detector file needs (extendable, one chunk per frame,
+      flushed so a reader sees every frame at once);
+    - ``corrflow HDF5FrameWriter``: the simulated detectors' SWMR writer;
+    - ``corrflow IOC NDFileHDF5Writer``: the caproto detector IOC's writer, with 12 NDAttributes per frame.
+
+    ``ratio`` = throughput / the ``h5py`` peer's.
+
+Timing: best of N after one untimed warm-up (the machine is shared by other processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from benchmarks._common import best_of, machine_note, print_table, write_results
+
+NAME = "acquisition"
+FRAME_SHAPE = (1024, 1024)
+
+
+# -- event overhead ---------------------------------------------------------------------------------
+def _per_event_seconds(readables: list[Any], *, num: int, repeats: int, callback: Callable[..., Any] | None = None) -> float:
+    from bluesky import RunEngine
+    from bluesky.plans import count
+
+    RE = RunEngine({}, context_managers=[])
+    if callback is not None:
+        RE.subscribe(callback)
+    RE(count(readables, num=5))  # warm-up: descriptors, caches, catalog containers
+    seconds, _ = best_of(lambda: RE(count(readables, num=num)), repeats=repeats)
+    return seconds / num
+
+
+@contextlib.contextmanager
+def _catalog(root: Path) -> Iterator[Callable[..., Any]]:
+    from corrflow.catalog import open_catalog, tiled_writer
+    from corrflow.settings import load_settings
+
+    settings = load_settings(data_root=root)
+    settings.ensure_directories()
+    with open_catalog(settings) as catalog:
+        yield tiled_writer(catalog.runs, settings)
+
+
+@contextlib.contextmanager
+def _epics_beamline(root: Path) -> Iterator[Any]:
+    """The simulated facility's IOCs and the EPICS beamline on them (this process's CA set up first)."""
+    from corrflow.sim_facility import SimFacility
+
+    prefix = f"CFB{uuid.uuid4().hex[:6].upper()}:"
+    facility = SimFacility(beamline_prefix=f"{prefix}BL:", microscope_prefix=f"{prefix}SEM:", speed=20.0, heater_time_scale=50.0)
+    os.environ.update(facility.client_environment())  # before this process creates its first channel
+    with facility:
+        facility.start(["stage", "heater", "source", "xray-detector"])
+        from corrflow.devices.beamline import build_beamline
+        from corrflow.settings import load_settings
+
+        settings = load_settings(data_root=root, beamline={"mode": "epics", "epics_prefix": f"{prefix}BL:"})
+        yield build_beamline(settings)
+
+
+def event_overhead_rows(*, num: int, repeats: int, root: Path) -> list[dict[str, Any]]:
+    from ophyd.sim import SynAxis, SynGauss, det
+    from ophyd.sim import motor as det_motor
+
+    from corrflow.devices.beamline import build_beamline
+    from corrflow.settings import load_settings
+    from corrflow.simulators import SimulatedWorld
+
+    settings = load_settings(data_root=root / "sim")
+    sim = build_beamline(settings, SimulatedWorld(settings.simulation))
+    sim_readables = [sim.stage, sim.shutter, sim.heater]
+    # The same number of readables as corrflow's (6 axes, shutter, furnace), from ophyd.sim.
+    peer_readables = [SynAxis(name=f"axis{k}") for k in range(6)] + [SynGauss(f"sig{k}", det_motor, "motor", center=0, Imax=1) for k in range(2)]
+    rows = [
+        {"implementation": "bluesky+ophyd.sim", "seconds": _per_event_seconds([det], num=num, repeats=repeats), "kind": "plain"},
+        {"implementation": "bluesky+ophyd.sim (8 devices)", "seconds": _per_event_seconds(peer_readables, num=num, repeats=repeats), "kind": "plain8"},
+        {"implementation": "corrflow-sim", "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats), "kind": "plain8"},
+    ]
+    with _catalog(root / "catalog") as writer:
+        rows.append({"implementation": "bluesky+ophyd.sim+catalog", "seconds": _per_event_seconds([det], num=num, repeats=repeats, callback=writer), "kind": "catalog"})
+        rows.append({"implementation": "bluesky+ophyd.sim (8 devices)+catalog", "seconds": _per_event_seconds(peer_readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
+        rows.append({"implementation": "corrflow-sim+catalog", "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
+        with _epics_beamline(root / "epics") as epics:
+            readables = [epics.stage, epics.shutter, epics.heater, epics.beam]
+            rows.append({"implementation": "corrflow-epics+catalog", "seconds": _per_event_seconds(readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
+    peers = {row["kind"]: row["seconds"] for row in rows if row["implementation"].startswith("bluesky")}
+    for row in rows:
+        row["case"] = "event_overhead"
+        row["ratio"] = row["seconds"] / peers[row.pop("kind")]
+        row["note"] = f"count, {num} events, per-event seconds"
+    return rows
+
+
+# -- HDF5 frames ----------------------------------------------------------------------------------------
+def _frames(n: int) -> np.ndarray:
+    """``n`` distinct uint16 frames of shape :data:`FRAME_SHAPE` (noisy, as detector frames are)."""
+    rng = np.random.default_rng(3)
+    base = rng.poisson(2000.0, size=FRAME_SHAPE).astype(np.uint16)
+    return np.stack([np.roll(base, 7 * k, axis=1) for k in range(n)])
+
+
+def _h5py_plain(path: Path, frames: np.ndarray) -> None:
+    with h5py.File(path, "w-") as f:
+        dataset = f.create_dataset("data", shape=frames.shape, dtype=frames.dtype, chunks=(1, *frames.shape[1:]))
+        for k, frame in enumerate(frames):
+            dataset[k] = frame
+
+
+def _h5py_append_flush(path: Path, frames: np.ndarray) -> None:
+    rows, cols = frames.shape[1:]
+    with h5py.File(path, "w-", libver="latest") as f:
+        dataset = f.create_dataset("data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols), dtype=frames.dtype)
+        f.swmr_mode = True
+        for k, frame in enumerate(frames):
+            dataset.resize(k + 1, axis=0)
+            dataset[k] = frame
+            dataset.flush()
+
+
+def _corrflow_writer(path: Path, frames: np.ndarray) -> None:
+    from corrflow.devices.hdf5_stream import HDF5FrameWriter
+
+    writer = HDF5FrameWriter(path, frame_shape=frames.shape[1:], dtype=frames.dtype)
+    try:
+        for frame in frames:
+            writer.append(frame)
+    finally:
+        writer.close()
+
+
+def _ioc_writer(path: Path, frames: np.ndarray) -> None:
+    from corrflow.simulators.ioc.xray_detector import XrayDetectorIOC
+    from corrflow.simulators.ioc.area_detector import NDFileHDF5Writer
+
+    names = XrayDetectorIOC.attribute_names
+    writer = NDFileHDF5Writer(path, frame_shape=frames.shape[1:], dtype=frames.dtype, attribute_names=names)
+    try:
+        for k, frame in enumerate(frames):
+            writer.append(frame, {name: float(k) for name in names})
+    finally:
+        writer.close()
+
+
+def hdf5_frames_rows(*, n: int, repeats: int, root: Path) -> list[dict[str, Any]]:
+    frames = _frames(n)
+    megabytes = frames.nbytes / 1e6
+    writers = {
+        "h5py": _h5py_plain,
+        "h5py append+flush": _h5py_append_flush,
+        "corrflow HDF5FrameWriter": _corrflow_writer,
+        "corrflow IOC NDFileHDF5Writer": _ioc_writer,
+    }
+    rows = []
+    for implementation, write in writers.items():
+        def once() -> None:
+            path = root / f"{uuid.uuid4().hex}.h5"
+            write(path, frames)
+            path.unlink()
+
+        once()  # untimed warm-up: library state, page cache, file system metadata
+        seconds, _ = best_of(once, repeats=repeats)
+        rows.append({"case": "hdf5_frames", "implementation": implementation, "seconds": seconds, "throughput_MBps": megabytes / seconds,
+                     "note": f"{n} frames {FRAME_SHAPE[0]}x{FRAME_SHAPE[1]} uint16"})
+    peer = rows[0]["throughput_MBps"]
+    for row in rows:
+        row["ratio"] = row["throughput_MBps"] / peer
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.acquisition", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer events and frames, best of 3")
+    args = parser.parse_args(argv)
+    num_events, num_frames, repeats = (200, 60, 3) if args.quick else (500, 150, 5)
+    print(machine_note())
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="corrflow-bench-acq-") as tmp:
+        root = Path(tmp)
+        rows = hdf5_frames_rows(n=num_frames, repeats=repeats, root=root)
+        rows += event_overhead_rows(num=num_events, repeats=repeats, root=root)
+    print_table(rows, columns=["case", "implementation", "seconds", "throughput_MBps", "ratio", "note"], title="acquisition")
+    path = write_results(NAME, rows)
+    print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

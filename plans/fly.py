@@ -1,0 +1,187 @@
+"""Tomography fly scan: projections taken while the sample rotates continuously.
+
+Dark and flat fields are taken as in :func:`~corrflow.plans.tomography.tomo_scan` (streams
+``dark`` and ``flat``, one event per frame). Then the rotation turns from
+``start_deg - run_up_deg`` to ``stop_deg + run_up_deg`` at the constant speed that sweeps one
+angular step per frame period, and the detector, armed before the rotation starts, begins its
+``num_projections`` frames at that period when the rotation passes ``start_deg`` (frames
+triggered by angle, then by time). The ``primary`` stream of the
+fly part holds no events: its frames and, per frame, the rotation angle at mid-exposure and the
+x, y, z translations (NDAttributes written with the frames) are announced as stream assets.
+The angles recorded are the measured ones, not the nominal ``start + k * step``.
+
+Whatever happens, the plan ends with the shutter closed, the rotation at its nominal speed
+and the stage back at its starting x and angle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+from bluesky.utils import MsgGenerator
+
+from corrflow.devices.beamline import Beamline
+from corrflow.plans.metadata import SampleInfo, settings_metadata
+from corrflow.plans.tomography import _UNITS as _STEP_UNITS
+from corrflow.plans.tomography import _start_metadata as _step_start_metadata
+from corrflow.plans.tomography import reference_frames
+from corrflow.plans.validation import TomoDevices, TomoFlyScanRequest, validate_tomo_fly_scan
+
+__all__ = ["tomo_fly_scan"]
+
+_UNITS = {
+    **_STEP_UNITS,
+    "readout_s": "s",
+    "period_s": "s",
+    "velocity_deg_per_s": "deg/s",
+    "run_up_deg": "deg",
+}
+
+
+def tomo_fly_scan(
+    beamline: Beamline | TomoDevices | tuple[Any, Any, Any],
+    *,
+    num_projections: int,
+    exposure_s: float,
+    sample: SampleInfo | Mapping[str, str],
+    start_deg: float = 0.0,
+    stop_deg: float = 180.0,
+    readout_s: float = 0.001,
+    run_up_deg: float | None = None,
+    num_darks: int = 10,
+    num_flats: int = 10,
+    flat_offset_x_um: float | None = None,
+    parent_uids: Sequence[str] = (),
+    md: Mapping[str, Any] | None = None,
+) -> MsgGenerator[str]:
+    """Validate a tomography fly scan and return its plan.
+
+    Parameters
+    ----------
+    beamline
+        A :class:`~corrflow.devices.beamline.Beamline` (simulated or EPICS).
+    num_projections
+        Frames taken during the rotation (>= 2).
+    exposure_s
+        Exposure of every frame (s, > 0).
+    sample
+        Identification of the sample.
+    start_deg, stop_deg
+        Angular range swept while acquiring (deg).
+    readout_s
+        Dead time between frames (s, >= 0); the frame period is ``exposure_s + readout_s``.
+    run_up_deg
+        Extra rotation before ``start_deg`` and after ``stop_deg`` (deg, >= 0; default two
+        angular steps) so the axis turns at constant speed throughout the acquisition.
+    num_darks, num_flats
+        Dark and flat frames (each >= 1).
+    flat_offset_x_um
+        Stage x excursion for flats (um); default 1.5 x the detector width.
+    parent_uids
+        Runs or datasets this scan follows from.
+    md
+        Extra start-document metadata.
+
+    Returns
+    -------
+    MsgGenerator[str]
+        The plan; it returns the run uid.
+
+    Raises
+    ------
+    PlanValidationError
+        On any bad argument (including a rotation speed above the axis' velocity or a path
+        beyond its limits), before anything moves.
+    """
+    request = validate_tomo_fly_scan(
+        beamline,
+        readout_s=readout_s,
+        run_up_deg=run_up_deg,
+        num_projections=num_projections,
+        exposure_s=exposure_s,
+        sample=sample,
+        start_deg=start_deg,
+        stop_deg=stop_deg,
+        num_darks=num_darks,
+        num_flats=num_flats,
+        flat_offset_x_um=flat_offset_x_um,
+        parent_uids=parent_uids,
+        md=md,
+    )
+    return _fly_plan(request, _start_metadata(request))
+
+
+def _start_metadata(request: TomoFlyScanRequest) -> dict[str, Any]:
+    start = _step_start_metadata(request.tomo)
+    detector = request.tomo.devices.detector
+    parameters = dict(start["settings"]["parameters"])
+    parameters.update(
+        readout_s=request.readout_s,
+        period_s=request.period_s,
+        velocity_deg_per_s=request.velocity_deg_per_s,
+        run_up_deg=request.run_up_deg,
+    )
+    start["settings"] = settings_metadata("tomo_fly_scan", parameters, units=_UNITS)
+    start["plan_name"] = "tomo_fly_scan"
+    start["plan_args"] = {k: parameters[k] for k in parameters if not k.startswith("detector_")}
+    start["hints"] = {"dimensions": [([f"{detector.name}_rotation_angle"], "primary")]}
+    start["nxtomo"] = {
+        **start["nxtomo"],
+        "fly_stream": "primary",
+        "fly_rotation_angle_data_key": f"{detector.name}_rotation_angle",
+        "fly_x_translation_data_key": f"{detector.name}_x_translation",
+        "fly_y_translation_data_key": f"{detector.name}_y_translation",
+        "fly_z_translation_data_key": f"{detector.name}_z_translation",
+    }
+    return start
+
+
+def _fly_plan(request: TomoFlyScanRequest, start_md: dict[str, Any]) -> MsgGenerator[str]:
+    tomo = request.tomo
+    stage, shutter = tomo.devices.stage, tomo.devices.shutter
+    rotation = stage.rotation
+
+    @bpp.run_decorator(md=start_md)
+    def run() -> MsgGenerator[str]:
+        x0 = yield from bps.rd(stage.x, default_value=tomo.initial_x_um)
+        rotation0 = yield from bps.rd(rotation, default_value=tomo.initial_rotation_deg)
+
+        def restore() -> MsgGenerator[None]:
+            yield from bps.mv(rotation.velocity, request.nominal_velocity_deg_per_s)
+            yield from bps.mv(shutter, "closed", stage.x, x0, rotation, rotation0)
+
+        def body() -> MsgGenerator[None]:
+            yield from reference_frames(tomo, x0=x0)
+            yield from _fly_projections(request)
+
+        yield from bpp.finalize_wrapper(body(), restore())
+
+    return (yield from run())
+
+
+def _fly_projections(request: TomoFlyScanRequest) -> MsgGenerator[None]:
+    tomo = request.tomo
+    detector, rotation = tomo.devices.detector, tomo.devices.stage.rotation
+    # At the start of the run-up at nominal speed, then at the fly speed.
+    yield from bps.mv(rotation, request.first_deg)
+    yield from bps.mv(rotation.velocity, request.velocity_deg_per_s)
+    # Armed: the detector starts its frames when the rotation passes start_deg.
+    yield from bps.prepare(
+        detector,
+        {"num_frames": tomo.num_projections, "period_s": request.period_s, "start": (rotation, tomo.start_deg)},
+        wait=True,
+    )
+
+    @bpp.stage_decorator([detector])
+    def acquire() -> MsgGenerator[None]:
+        yield from bps.declare_stream(detector, name="primary", collect=True)
+        yield from bps.kickoff(detector, wait=True)
+        yield from bps.abs_set(rotation, request.last_deg, group="fly-rotation")
+        yield from bps.complete(detector, wait=True)
+        yield from bps.collect(detector, name="primary")
+        yield from bps.wait(group="fly-rotation")
+
+    yield from acquire()
