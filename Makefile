@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed-stamp
 # (Re)install when pyproject.toml changes. pip resolves the pins in pyproject.toml (STACK.md).
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "corrflow needs Python >= 3.11")'
+	@# The SFTP transfer tests start a real sshd on loopback (Debian's openssh-server).
+	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; \
+		else echo "note: install openssh-server for the SFTP transfer tests"; fi; }
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"

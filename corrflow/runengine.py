@@ -35,7 +35,10 @@ def make_run_engine(*callbacks: Callable[[str, dict[str, Any]], None]) -> RunEng
     No SIGINT handler is installed (``context_managers=[]``): flows run it from Prefect's worker
     threads, where signal handlers cannot be set; Prefect's own cancellation stops the run.
     """
+    from corrflow.cancellation import register_engine
+
     engine = RunEngine({}, context_managers=[])
     for callback in callbacks:
         engine.subscribe(callback)
+    register_engine(engine)  # a cancelled flow run aborts it: motors stopped, stop document 'abort'
     return engine

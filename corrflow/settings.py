@@ -332,10 +332,6 @@ class Settings(BaseSettings):
             raise ValueError(f"site must be one of {SITES}, got {site!r}")
         return getattr(self.work_pools, site)
 
-    def instrument_names(self) -> dict[str, str]:
-        """Instrument name -> site; one global concurrency limit per instrument."""
-        return {self.beamline.name: "beamline", self.microscope.name: "microscope"}
-
     @property
     def beamline_storage(self) -> Path:
         return self.facilities.beamline_storage or self.data_root / "beamline"

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
+from corrflow.cancellation import run_abortable
 from corrflow.catalog import external_file_paths, open_catalog, tiled_writer
 from corrflow.devices.beamline import Beamline, build_beamline
 from corrflow.devices.sem import build_microscope
@@ -135,7 +136,9 @@ def acquire_tomography(
     sample: Sample = Sample(), parameters: TomographyParameters = TomographyParameters()
 ) -> AcquisitionResult:
     """Tomography on the beamline: darks, flats, projections; catalogued in Tiled, exported as NXtomo."""
-    result = run_tomography(flow_settings(), sample, parameters)
+    settings = flow_settings()
+    # Cancelling the run (dashboard or CLI) aborts the RunEngine before the process ends.
+    result = run_abortable(lambda: run_tomography(settings, sample, parameters), reason="tomography cancelled")
     print(f"run {result.run_uid}: {len(result.files)} files, NXtomo {result.nexus_path}")
     return result
 
@@ -145,6 +148,7 @@ def acquire_micrograph(
     sample: Sample = Sample(), parameters: MicrographParameters = MicrographParameters()
 ) -> AcquisitionResult:
     """One micrograph of the sectioned sample on the microscope, catalogued in Tiled."""
-    result = run_micrograph(flow_settings(), sample, parameters)
+    settings = flow_settings()
+    result = run_abortable(lambda: run_micrograph(settings, sample, parameters), reason="micrograph cancelled")
     print(f"run {result.run_uid}: {result.files[0]}")
     return result
