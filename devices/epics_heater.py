@@ -21,6 +21,8 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import DeviceStatus
 
+from corrflow.devices.settling import SettlingStatusMixin
+
 from corrflow.devices.epics_base import Readback, Setting, ensure_connected
 from corrflow.devices.signals import ConfigSignal, finite, positive_finite
 
@@ -38,7 +40,7 @@ def _non_negative_finite(value: Any) -> None:
         raise ValueError(f"expected a value >= 0, got {value!r}")
 
 
-class EpicsHeater(Device):
+class EpicsHeater(SettlingStatusMixin, Device):
     """Sample furnace over EPICS: setpoint, measured temperature, ramp rate, power, settle criterion.
 
     Parameters
@@ -66,9 +68,7 @@ class EpicsHeater(Device):
     def __init__(self, prefix: str = "", *, name: str, **kwargs: Any) -> None:
         super().__init__(prefix=prefix, name=name, **kwargs)
         self.readback.name = self.name
-        self._lock = threading.Lock()
-        self._interrupt: threading.Event | None = None
-        self._pending: DeviceStatus | None = None
+        self._init_settling()
 
     @property
     def limits(self) -> tuple[float, float]:
@@ -113,34 +113,14 @@ class EpicsHeater(Device):
         expected_s = abs(target_K - float(self.readback.get())) / ramp + _SETTLE_TIME_CONSTANTS * tau + settle_s
         self._cancel_pending()
         status = DeviceStatus(self, timeout=2.0 * expected_s + _TIMEOUT_MARGIN_S)
-        interrupt = threading.Event()
-        with self._lock:
-            self._interrupt, self._pending = interrupt, status
         self.setpoint.put(target_K, wait=False)
-        threading.Thread(
-            target=self._wait_until_settled,
-            args=(target_K, tolerance_K, settle_s, interrupt, status),
-            name=f"{self.name}-settle",
-            daemon=True,
-        ).start()
+        self._start_settling(status, self._wait_until_settled, target_K, tolerance_K, settle_s)
         return status
 
     def stop(self, *, success: bool = False) -> None:
         """Stop waiting for the temperature to settle; the controller keeps its setpoint."""
         self._cancel_pending(success=success)
         super().stop(success=success)
-
-    def _cancel_pending(self, *, success: bool = False) -> None:
-        with self._lock:
-            interrupt, status = self._interrupt, self._pending
-            self._interrupt = self._pending = None
-        if interrupt is not None:
-            interrupt.set()
-        if status is not None and not status.done:
-            if success:
-                status.set_finished()
-            else:
-                status.set_exception(RuntimeError(f"{self.name}: stopped before the temperature settled"))
 
     def _wait_until_settled(
         self, target_K: float, tolerance_K: float, settle_s: float, interrupt: threading.Event, status: DeviceStatus
@@ -158,9 +138,4 @@ class EpicsHeater(Device):
                 within_since = None
             if interrupt.wait(_POLL_S):
                 return  # a new set() or stop() finished this status already
-        with self._lock:
-            owner = self._pending is status
-            if owner:
-                self._interrupt = self._pending = None
-        if owner and not status.done:
-            status.set_finished()
+        self._finish_if_pending(status)

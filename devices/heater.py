@@ -19,6 +19,8 @@ from ophyd import Device
 from ophyd.signal import SignalRO
 from ophyd.status import DeviceStatus
 
+from corrflow.devices.settling import SettlingStatusMixin
+
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, finite, positive_finite
 from corrflow.simulators.world import SimulatedWorld
@@ -58,7 +60,7 @@ class _Measured(SignalRO):
         return description
 
 
-class Heater(Device):
+class Heater(SettlingStatusMixin, Device):
     """Sample furnace: setpoint, measured temperature, ramp rate, power, settle criterion.
 
     Parameters
@@ -98,9 +100,7 @@ class Heater(Device):
         self.setpoint.put(float(model.setpoint_K), internal=True)
         self.ramp_rate_K_per_s.put(float(model.max_ramp_K_per_s), internal=True)
         self.time_constant_s.put(float(model.time_constant_s), internal=True)
-        self._lock = threading.Lock()
-        self._interrupt: threading.Event | None = None
-        self._pending: DeviceStatus | None = None
+        self._init_settling()
 
     # -- measurements ------------------------------------------------------------------------
     def _measure_temperature_K(self) -> float:
@@ -160,35 +160,15 @@ class Heater(Device):
         )
         self._cancel_pending()
         status = DeviceStatus(self, timeout=self._clock.timeout_s(expected_s))
-        interrupt = threading.Event()
-        with self._lock:
-            self._interrupt, self._pending = interrupt, status
         self._world.set_heater_setpoint(target_K)
         self.setpoint.put(target_K, internal=True)
-        threading.Thread(
-            target=self._wait_until_settled,
-            args=(target_K, tolerance_K, settle_s, interrupt, status),
-            name=f"{self.name}-settle",
-            daemon=True,
-        ).start()
+        self._start_settling(status, self._wait_until_settled, target_K, tolerance_K, settle_s)
         return status
 
     def stop(self, *, success: bool = False) -> None:
         """Stop waiting for the temperature to settle; the furnace keeps its setpoint."""
         self._cancel_pending(success=success)
         super().stop(success=success)
-
-    def _cancel_pending(self, *, success: bool = False) -> None:
-        with self._lock:
-            interrupt, status = self._interrupt, self._pending
-            self._interrupt = self._pending = None
-        if interrupt is not None:
-            interrupt.set()
-        if status is not None:
-            if success:
-                status.set_finished()
-            else:
-                status.set_exception(RuntimeError(f"{self.name}: stopped before the temperature settled"))
 
     def _wait_until_settled(
         self,
@@ -213,10 +193,4 @@ class Heater(Device):
                 within_since_s = None
             if interrupt.wait(poll_wall_s):
                 return  # a new set() or stop() finished this status already
-        # Whoever takes the status out of _pending completes it (this thread, or a set()/stop()).
-        with self._lock:
-            owner = self._pending is status
-            if owner:
-                self._interrupt = self._pending = None
-        if owner:
-            status.set_finished()  # after a timeout this is a no-op: the status keeps its timeout error
+        self._finish_if_pending(status)
