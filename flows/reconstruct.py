@@ -47,8 +47,21 @@ def task_slabs(max_in_flight: int):
     return mapper
 
 
+def current_api_url() -> str:
+    """The Prefect API this process reports to (starting the embedded server if none is configured)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
 def dask_task_runner(compute: ComputeSettings):
-    """The DaskTaskRunner the settings ask for: an existing cluster, or a local one of processes."""
+    """The DaskTaskRunner the settings ask for: an existing cluster, or a local one of processes.
+
+    The local cluster's worker processes are told this process's Prefect API URL. Without it, each
+    worker of an embedded (no-server) setup starts an ephemeral Prefect server of its own: ~6 s
+    before its first slab, and task runs recorded in a database nobody reads.
+    """
     from prefect_dask import DaskTaskRunner
 
     if compute.dask_address:
@@ -59,6 +72,7 @@ def dask_task_runner(compute: ComputeSettings):
             "threads_per_worker": compute.threads_per_worker,
             "processes": True,
             "dashboard_address": None,  # no web server on the compute node by default
+            "env": {"PREFECT_API_URL": current_api_url()},
         }
     )
 
