@@ -29,8 +29,13 @@ Cases (shared/DESIGN.md, "Benchmarks convention")
     - ``h5py``: the peer, a dataset of the final shape written frame by frame, no flush;
     - ``h5py append+flush``: what a live detector file needs (extendable, one chunk per frame,
       flushed so a reader sees every frame at once);
-    - ``corrflow HDF5FrameWriter``: the simulated detectors' SWMR writer;
-    - ``corrflow IOC NDFileHDF5Writer``: the caproto detector IOC's writer, with 12 NDAttributes per frame.
+    - ``corrflow HDF5FrameWriter``: the one SWMR writer of the simulated detectors and the detector
+      IOC (``corrflow/hdf5_frames.py``), as configured by default: each frame written as its chunk,
+      the file flushed every 0.5 s and before frames are announced (areaDetector's
+      ``NumFramesFlush``/``FlushNow``), and at close;
+    - ``corrflow HDF5FrameWriter, flush every frame``: the same, flushed after every frame;
+    - ``corrflow HDF5FrameWriter + 12 NDAttributes (detector IOC)``: as the caproto detector IOC
+      writes, with 12 per-frame NDAttributes.
 
     ``ratio`` = throughput / the ``h5py`` peer's.
 
@@ -158,28 +163,24 @@ def _h5py_append_flush(path: Path, frames: np.ndarray) -> None:
             dataset.flush()
 
 
-def _corrflow_writer(path: Path, frames: np.ndarray) -> None:
-    from corrflow.devices.hdf5_stream import HDF5FrameWriter
+def _corrflow_writer(path: Path, frames: np.ndarray, *, attribute_names: tuple[str, ...] = (),
+                     flush_interval_s: float | None = None) -> None:
+    from corrflow.hdf5_frames import DEFAULT_FLUSH_INTERVAL_S, HDF5FrameWriter
 
-    writer = HDF5FrameWriter(path, frame_shape=frames.shape[1:], dtype=frames.dtype)
+    interval = DEFAULT_FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
+    writer = HDF5FrameWriter(path, frame_shape=frames.shape[1:], dtype=frames.dtype, attribute_names=attribute_names,
+                             flush_interval_s=interval)
     try:
-        for frame in frames:
-            writer.append(frame)
+        for k, frame in enumerate(frames):
+            writer.append(frame, {name: float(k) for name in attribute_names})
     finally:
         writer.close()
 
 
 def _ioc_writer(path: Path, frames: np.ndarray) -> None:
     from corrflow.simulators.ioc.xray_detector import XrayDetectorIOC
-    from corrflow.simulators.ioc.area_detector import NDFileHDF5Writer
 
-    names = XrayDetectorIOC.attribute_names
-    writer = NDFileHDF5Writer(path, frame_shape=frames.shape[1:], dtype=frames.dtype, attribute_names=names)
-    try:
-        for k, frame in enumerate(frames):
-            writer.append(frame, {name: float(k) for name in names})
-    finally:
-        writer.close()
+    _corrflow_writer(path, frames, attribute_names=tuple(XrayDetectorIOC.attribute_names))
 
 
 def hdf5_frames_rows(*, n: int, repeats: int, root: Path) -> list[dict[str, Any]]:
@@ -189,7 +190,8 @@ def hdf5_frames_rows(*, n: int, repeats: int, root: Path) -> list[dict[str, Any]
         "h5py": _h5py_plain,
         "h5py append+flush": _h5py_append_flush,
         "corrflow HDF5FrameWriter": _corrflow_writer,
-        "corrflow IOC NDFileHDF5Writer": _ioc_writer,
+        "corrflow HDF5FrameWriter, flush every frame": lambda path, frames: _corrflow_writer(path, frames, flush_interval_s=0.0),
+        "corrflow HDF5FrameWriter + 12 NDAttributes (detector IOC)": _ioc_writer,
     }
     rows = []
     for implementation, write in writers.items():

@@ -109,6 +109,7 @@ class HDF5FilePlugin(Device):
     full_file_name = Readback("FullFileName_RBV", string=True)
     write_status = Readback("WriteStatus", string=True)
     write_message = Readback("WriteMessage", string=True)
+    flush_now = Command("FlushNow", put_complete=True)
 
 
 class EpicsAreaDetector(Device):
@@ -440,6 +441,9 @@ class EpicsAreaDetector(Device):
         for suffix, (attribute, _units) in self.fly_attribute_keys.items():
             datasets[f"{self.name}_{suffix}"] = f"{ATTRIBUTES_PATH}/{attribute}"
             chunks[f"{self.name}_{suffix}"] = [256]
+        if stop > start:
+            # The plugin flushes on a timer; readers told about these frames must see them now.
+            self.hdf.flush_now.set(1).wait(timeout=WRITE_TIMEOUT_S)
         yield from stream_asset_docs(
             path=path,
             resource_uids=resource_uids,

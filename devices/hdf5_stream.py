@@ -7,7 +7,8 @@ It implements bluesky's ``WritesStreamAssets`` protocol the way ophyd-async's HD
   with one extendable dataset ``/entry/data/data`` of shape ``(N, rows, cols)``, one frame per
   chunk, in SWMR mode so readers (Tiled) can open it while frames arrive;
 - ``trigger()`` exposes for ``exposure_s`` simulated seconds on a background thread, computes one
-  frame (subclasses: :meth:`StreamingDetector._acquire_frame`), appends and flushes it;
+  frame (subclasses: :meth:`StreamingDetector._acquire_frame`) and appends it
+  (:class:`corrflow.hdf5_frames.HDF5FrameWriter`, flushed before each StreamDatum announces it);
 - ``describe()`` declares the image data key as ``"external": "STREAM:"``; ``read()`` holds only
   scalars (the frame number), never the image;
 - ``collect_asset_docs()`` yields one ``stream_resource`` per staged file, then one
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 from uuid import uuid4
 
-import h5py
 import numpy as np
 from event_model import StreamDatum, StreamResource
 from ophyd import Component as Cpt
@@ -36,6 +36,7 @@ from ophyd.status import DeviceStatus
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, positive_finite
 from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, HDF5_MIMETYPE, stream_asset_docs
+from corrflow.hdf5_frames import HDF5FrameWriter
 
 __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter", "StreamingDetector", "fly_request", "new_uid"]
 
@@ -43,94 +44,6 @@ __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter"
 def new_uid() -> str:
     """A new globally unique id (as bluesky's ``new_uid``)."""
     return str(uuid4())
-
-
-class HDF5FrameWriter:
-    """Appends equally shaped frames to ``/entry/data/data`` of a new HDF5 file.
-
-    Parameters
-    ----------
-    path
-        File to create; it must not exist.
-    frame_shape
-        ``(rows, cols)`` of every frame.
-    dtype
-        Numpy dtype of the frames.
-
-    Raises
-    ------
-    FileExistsError
-        ``path`` exists (files are never overwritten).
-    """
-
-    def __init__(
-        self, path: Path, *, frame_shape: tuple[int, int], dtype: np.dtype | type, attribute_names: tuple[str, ...] = ()
-    ) -> None:
-        self.path = Path(path).absolute()
-        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
-        self.dtype = np.dtype(dtype)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # "w-" fails if the file exists; libver "latest" is required for SWMR.
-        self._file: h5py.File | None = h5py.File(self.path, "w-", libver="latest")
-        try:
-            entry = self._file.create_group("entry")
-            entry.attrs["NX_class"] = "NXentry"
-            data = entry.create_group("data")
-            data.attrs["NX_class"] = "NXdata"
-            data.attrs["signal"] = "data"
-            self._dataset = data.create_dataset(
-                "data",
-                shape=(0, *self.frame_shape),
-                maxshape=(None, *self.frame_shape),
-                chunks=(1, *self.frame_shape),
-                dtype=self.dtype,
-            )
-            # Per-frame values (e.g. the rotation angle of a fly scan), laid out as areaDetector's
-            # HDF5 plugin writes NDAttributes.
-            self._attributes: dict[str, h5py.Dataset] = {}
-            if attribute_names:
-                instrument = entry.create_group("instrument")
-                group = instrument.create_group("NDAttributes")
-                group.attrs["NX_class"] = "NXcollection"
-                for name in attribute_names:
-                    self._attributes[name] = group.create_dataset(
-                        name, shape=(0,), maxshape=(None,), chunks=(256,), dtype=np.float64
-                    )
-            # No new objects may be created after this; readers may now open the file.
-            self._file.swmr_mode = True
-        except BaseException:
-            self._file.close()
-            self._file = None
-            raise
-        self.n_frames = 0
-
-    @property
-    def closed(self) -> bool:
-        return self._file is None
-
-    def append(self, frame: np.ndarray, attributes: dict[str, float] | None = None) -> int:
-        """Append one frame (and its attribute values) and flush; returns the number of frames in the file."""
-        if self._file is None:
-            raise RuntimeError(f"{self.path} is closed")
-        frame = np.asarray(frame)
-        if frame.shape != self.frame_shape:
-            raise ValueError(f"frame shape {frame.shape} != detector shape {self.frame_shape}")
-        if frame.dtype != self.dtype:
-            raise ValueError(f"frame dtype {frame.dtype} != detector dtype {self.dtype}")
-        for name, dataset in self._attributes.items():
-            dataset.resize(self.n_frames + 1, axis=0)
-            dataset[self.n_frames] = float((attributes or {}).get(name, np.nan))
-        self._dataset.resize(self.n_frames + 1, axis=0)
-        self._dataset[self.n_frames] = frame
-        # One flush of the whole file per frame: SWMR readers then see the frame (and its attributes).
-        self._file.flush()
-        self.n_frames += 1
-        return self.n_frames
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 FlyRequest = tuple[int, float, tuple[Any, float] | None]
@@ -385,6 +298,8 @@ class StreamingDetector(Device):
             if writer is None or self._stream_resource_uid is None:
                 return
             written = writer.n_frames if index is None else min(int(index), writer.n_frames)
+            if written > writer.n_flushed:
+                writer.flush()  # a reader told about a frame must be able to read it
             announce_resource = not self._resource_announced
             start = self._frames_announced
             datum_number = self._datum_count

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from event_model import StreamDatum, StreamRange, StreamResource
 
+from corrflow.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH
+
 __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "stream_asset_docs"]
 
-DATASET_PATH = "/entry/data/data"
-ATTRIBUTES_PATH = "/entry/instrument/NDAttributes"
 HDF5_MIMETYPE = "application/x-hdf5"
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import time
 
 import h5py
@@ -17,6 +20,7 @@ from corrflow.devices import sem as sem_module
 from corrflow.devices.beamline import build_beamline
 from corrflow.devices.clock import SimClock
 from corrflow.devices.hdf5_stream import DATASET_PATH, HDF5FrameWriter
+from corrflow.hdf5_frames import ATTRIBUTES_PATH
 from corrflow.devices.motors import SimMotor
 from corrflow.devices.sem import build_microscope
 from corrflow.settings import load_settings
@@ -256,6 +260,64 @@ def test_frame_writer_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError):
         HDF5FrameWriter(path, frame_shape=(4, 4), dtype=np.uint16)
     assert path.read_bytes() == b"precious"
+
+
+def _seen_by_another_process(path) -> tuple[tuple[int, ...], list[float]]:
+    """Frame-dataset shape and the ``angle_deg`` attribute as a separate SWMR reader sees them.
+
+    (In the writer's own process HDF5 shares the open file, so only another process shows what a
+    reader really sees.)
+    """
+    code = (
+        "import h5py, json, sys\n"
+        "with h5py.File(sys.argv[1], 'r', swmr=True) as f:\n"
+        f"    print(json.dumps([f['{DATASET_PATH}'].shape, f['{ATTRIBUTES_PATH}/angle_deg'][()].tolist()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True, timeout=60)
+    shape, angles = json.loads(out.stdout)
+    return tuple(shape), angles
+
+
+def test_frame_writer_shows_frames_to_readers_only_once_flushed(tmp_path):
+    path = tmp_path / "frames.h5"
+    frames = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
+    writer = HDF5FrameWriter(path, frame_shape=(4, 5), dtype=np.uint16, attribute_names=("angle_deg", "x_um"),
+                             flush_interval_s=1e6)
+    try:
+        for k, frame in enumerate(frames):
+            writer.append(frame, {"angle_deg": 10.0 * k})  # x_um missing: recorded as NaN
+        assert (writer.n_frames, writer.n_flushed) == (3, 0)
+        assert _seen_by_another_process(path) == ((0, 4, 5), [])  # the timer has not fired: nothing visible
+        assert writer.flush() == 3
+        assert _seen_by_another_process(path) == ((3, 4, 5), [0.0, 10.0, 20.0])
+        writer.append(frames[0], {"angle_deg": 30.0, "x_um": 1.5})
+    finally:
+        writer.close()  # flushes what is pending
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f[DATASET_PATH][:3], frames)
+        assert f[DATASET_PATH].shape == (4, 4, 5)
+        np.testing.assert_array_equal(f[f"{ATTRIBUTES_PATH}/angle_deg"][()], [0.0, 10.0, 20.0, 30.0])
+        x_um = f[f"{ATTRIBUTES_PATH}/x_um"][()]
+        assert np.isnan(x_um[:3]).all() and x_um[3] == 1.5
+
+
+def test_frame_writer_flush_interval_zero_flushes_every_frame_and_rejects_bad_input(tmp_path):
+    writer = HDF5FrameWriter(tmp_path / "a.h5", frame_shape=(2, 2), dtype=np.uint16, flush_interval_s=0.0)
+    try:
+        for k in range(3):
+            writer.append(np.full((2, 2), k, dtype=np.uint16))
+            assert writer.n_flushed == k + 1
+        with pytest.raises(ValueError, match="dtype"):
+            writer.append(np.zeros((2, 2), dtype=np.float32))
+        with pytest.raises(ValueError, match="shape"):
+            writer.append(np.zeros((3, 2), dtype=np.uint16))
+        assert writer.n_frames == 3
+    finally:
+        writer.close()
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="flush_interval_s"):
+            HDF5FrameWriter(tmp_path / "b.h5", frame_shape=(2, 2), dtype=np.uint16, flush_interval_s=bad)
+    assert not (tmp_path / "b.h5").exists()
 
 
 def test_dark_frames_when_shutter_closed(beamline, world):

@@ -177,6 +177,33 @@ def test_detector_writes_frames_of_the_sample_at_the_stage_angle(beamline):
         assert expected.min() < 0.9  # the sample is in the beam: the comparison is not trivial
 
 
+def test_detector_announces_only_frames_it_has_flushed(beamline):
+    """The plugin flushes on a timer; announcing frames first puts FlushNow, so readers see them."""
+    from ophyd import EpicsSignal
+
+    detector = beamline.detector
+    interval = EpicsSignal(f"{detector.prefix}HDF1:FlushInterval", name="flush_interval")
+    interval.wait_for_connection(timeout=5)
+    previous = interval.get()
+    interval.put(1e6, wait=True)  # no timed flush during this test
+    detector.exposure_s.set(0.01).wait(5)
+    detector.stage()
+    try:
+        for _ in range(2):
+            detector.trigger().wait(15)
+        path = detector.last_file_path
+        with h5py.File(path, "r", swmr=True) as reader:
+            data = reader["/entry/data/data"]
+            assert data.shape[0] == 0  # written, not yet flushed
+            documents = [doc for _, doc in detector.collect_asset_docs()]
+            data.refresh()
+            assert documents[-1]["indices"] == {"start": 1, "stop": 2}
+            assert data.shape[0] == 2  # everything announced is readable
+    finally:
+        detector.unstage()
+        interval.put(previous, wait=True)
+
+
 def test_detector_needs_staging_and_never_overwrites(beamline):
     detector = beamline.detector
     with pytest.raises(RuntimeError, match="stage"):

@@ -13,12 +13,16 @@ restricted to what corrflow's devices use, with ``_RBV`` readbacks:
 name and number), ``AutoIncrement``, ``FileWriteMode`` (Stream only), ``CreateDirectory``,
 ``EnableCallbacks``, ``NumCapture`` (0 = until ``Capture`` is cleared), ``Capture``,
 ``NumCaptured_RBV``, ``FullFileName_RBV``, ``FilePathExists_RBV``, ``WriteStatus``,
-``WriteMessage``, ``ArrayCounter_RBV``.
+``WriteMessage``, ``ArrayCounter_RBV``, ``FlushNow`` (put 1: flush now; the put completes after
+the flush) and ``FlushInterval`` (s between automatic flushes).
 
 The plugin writes what areaDetector's HDF5 plugin writes by default: frames in
 ``/entry/data/data`` (``(n, rows, cols)``, one frame per chunk) and one value per frame of each
-NDAttribute in ``/entry/instrument/NDAttributes/<name>`` (``(n,)`` float64), flushed after every
-frame in SWMR mode so clients read frames while the file is open. Files are created exclusively:
+NDAttribute in ``/entry/instrument/NDAttributes/<name>`` (``(n,)`` float64), in SWMR mode so
+clients read frames while the file is open (:class:`corrflow.hdf5_frames.HDF5FrameWriter`). The
+file is flushed every ``FlushInterval`` seconds (areaDetector flushes every ``NumFramesFlush``
+frames; time bounds a reader's wait at any frame rate) and on ``FlushNow``, which clients put
+before they announce frames to readers. Files are created exclusively:
 an existing file is never overwritten (``Capture`` fails with ``WriteStatus`` = "Write error").
 
 Subclasses provide the physics: :meth:`AreaDetectorIOC.exposure_inputs` (the state of the
@@ -35,10 +39,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import h5py
 import numpy as np
 from caproto.server import PVGroup, SubGroup, pvproperty
 
+from corrflow.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH, HDF5FrameWriter
 from corrflow.simulators.ioc.common import enum_property, long_string
 
 __all__ = [
@@ -47,73 +51,11 @@ __all__ = [
     "CamGroup",
     "DATASET_PATH",
     "HDF5PluginGroup",
-    "NDFileHDF5Writer",
 ]
 
-DATASET_PATH = "/entry/data/data"
-ATTRIBUTES_PATH = "/entry/instrument/NDAttributes"
 DATA_TYPES = ("Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float32", "Float64")
 DETECTOR_STATES = ("Idle", "Acquire", "Readout", "Correct", "Saving", "Aborting", "Error", "Waiting", "Initializing", "Disconnected", "Aborted")
 _NUMPY_OF_DATA_TYPE = {name: np.dtype(name.lower()) for name in DATA_TYPES}
-
-
-class NDFileHDF5Writer:
-    """Appends frames and their NDAttributes to a new HDF5 file (areaDetector's default layout).
-
-    Parameters
-    ----------
-    path
-        File to create; must not exist.
-    frame_shape
-        ``(rows, cols)``.
-    dtype
-        Frame dtype.
-    attribute_names
-        NDAttributes recorded with each frame (float64 values).
-    """
-
-    def __init__(self, path: Path, *, frame_shape: tuple[int, int], dtype: np.dtype, attribute_names: Sequence[str]) -> None:
-        self.path = Path(path)
-        self._file = h5py.File(self.path, "w-", libver="latest")
-        try:
-            entry = self._file.create_group("entry")
-            entry.attrs["NX_class"] = "NXentry"
-            data = entry.create_group("data")
-            data.attrs["NX_class"] = "NXdata"
-            data.attrs["signal"] = "data"
-            rows, cols = frame_shape
-            self._data = data.create_dataset(
-                "data", shape=(0, rows, cols), maxshape=(None, rows, cols), chunks=(1, rows, cols), dtype=dtype
-            )
-            instrument = entry.create_group("instrument")
-            instrument.attrs["NX_class"] = "NXinstrument"
-            attributes = instrument.create_group("NDAttributes")
-            attributes.attrs["NX_class"] = "NXcollection"
-            self._attributes = {
-                name: attributes.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(256,), dtype=np.float64)
-                for name in attribute_names
-            }
-            self._file.swmr_mode = True  # readers may open the file from here on
-        except BaseException:
-            self._file.close()
-            raise
-        self.n_frames = 0
-
-    def append(self, frame: np.ndarray, attributes: Mapping[str, float]) -> int:
-        """Append one frame and its attributes, flush; returns the number of frames written."""
-        n = self.n_frames
-        for name, dataset in self._attributes.items():
-            dataset.resize(n + 1, axis=0)
-            dataset[n] = float(attributes.get(name, math.nan))
-        self._data.resize(n + 1, axis=0)
-        self._data[n] = frame
-        # One flush of the whole file per frame: SWMR readers then see the frame and its attributes.
-        self._file.flush()
-        self.n_frames = n + 1
-        return self.n_frames
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class CamGroup(PVGroup):
@@ -218,10 +160,12 @@ class HDF5PluginGroup(PVGroup):
     write_status = enum_property("WriteStatus", states=("Write OK", "Write error"), read_only=True)
     write_message = long_string("WriteMessage", read_only=True)
     array_counter_rbv = pvproperty(name="ArrayCounter_RBV", value=0, read_only=True, doc="frames received")
+    flush_now = pvproperty(name="FlushNow", value=0, doc="put 1: flush the open file; completes after the flush")
+    flush_interval = pvproperty(name="FlushInterval", value=0.5, precision=3, doc="s between automatic flushes; 0 = every frame")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.writer: NDFileHDF5Writer | None = None
+        self.writer: HDF5FrameWriter | None = None
         # h5py calls block: they run on one worker thread, in order, off the event loop.
         self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hdf5")
 
@@ -248,6 +192,19 @@ class HDF5PluginGroup(PVGroup):
             raise ValueError(f"{instance.pvname}: NumCapture must be >= 0, got {value}")
         return int(value)
 
+    @flush_now.putter
+    async def flush_now(self, instance: Any, value: int) -> int:
+        writer = self.writer
+        if int(value) and writer is not None:
+            await self._run_io(writer.flush)
+        return 0
+
+    @flush_interval.putter
+    async def flush_interval(self, instance: Any, value: float) -> float:
+        if not math.isfinite(float(value)) or float(value) < 0:
+            raise ValueError(f"{instance.pvname}: FlushInterval must be a finite number >= 0, got {value}")
+        return float(value)
+
     @capture.putter
     async def capture(self, instance: Any, value: Any) -> str:
         if value in ("Done", 0):
@@ -267,11 +224,12 @@ class HDF5PluginGroup(PVGroup):
             if self.create_directory.value:
                 await self._run_io(lambda: path.parent.mkdir(parents=True, exist_ok=True))
             writer = await self._run_io(
-                lambda: NDFileHDF5Writer(
+                lambda: HDF5FrameWriter(
                     path,
                     frame_shape=detector.frame_shape,
                     dtype=detector.frame_dtype,
                     attribute_names=detector.attribute_names,
+                    flush_interval_s=float(self.flush_interval.value),
                 )
             )
         except OSError as exc:
