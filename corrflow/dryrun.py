@@ -29,19 +29,56 @@ def _plan_specs():
     return PLAN_SPECS
 
 
-def describe_plans() -> dict[str, dict[str, str]]:
-    """Each plan's keyword parameters with their types and defaults, from the plan's signature."""
-    out: dict[str, dict[str, str]] = {}
+def _parameter_docs(func: Any) -> dict[str, str]:
+    """First sentence of each parameter's entry in a numpydoc ``Parameters`` section (names may be grouped)."""
+    lines = inspect.cleandoc(func.__doc__ or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Parameters") + 2
+    except StopIteration:
+        return {}
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    text: list[str] = []
+
+    def flush() -> None:
+        sentence = " ".join(text).split(". ")[0].rstrip(".")
+        for n in names:
+            docs[n] = sentence
+
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            if set(line.strip()) == {"-"} or not line[0].isidentifier():
+                break  # the next section's underline (or title) ends the parameters
+            flush()
+            names, text = [n.strip() for n in line.split(":")[0].split(",")], []
+        elif line.strip():
+            text.append(line.strip())
+        elif text:
+            flush()
+            names, text = [], []
+        if line.strip() in ("Returns", "Raises", "Yields", "Notes"):
+            break
+    flush()
+    return docs
+
+
+def describe_plans() -> dict[str, dict[str, Any]]:
+    """Each plan's keyword parameters with their types and defaults (from the plan's signature) and
+    what each means (the first sentence of its numpydoc entry)."""
+    out: dict[str, dict[str, Any]] = {}
     for name, spec in _plan_specs().items():
         signature = inspect.signature(spec.plan)
-        params = {}
+        docs = _parameter_docs(spec.plan)
+        params, descriptions = {}, {}
         for p in signature.parameters.values():
             if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name == "md":
                 continue
             annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
             default = "required" if p.default is inspect.Parameter.empty else repr(p.default)
             params[p.name] = f"{annotation} = {default}"
-        out[name] = {"instrument": spec.instrument, "parameters": params}
+            if p.name in docs:
+                descriptions[p.name] = docs[p.name]
+        out[name] = {"instrument": spec.instrument, "parameters": params, "descriptions": descriptions}
     return out
 
 

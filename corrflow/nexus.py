@@ -12,8 +12,12 @@ Layout written by :func:`write_nxtomo` (the NXtomo application definition plus c
           x_pixel_size, y_pixel_size   (um)
           distance              (mm)
           count_time            (n,) (s)
+          field_of_view         "Full", or "Half" for an offset-centre (half-acquisition) 360 deg scan
       sample                    NXsample  name, rotation_angle (n,) degree,
-                                          x_translation, y_translation, z_translation (n,) um
+                                          x_translation, y_translation, z_translation (n,) um,
+                                          rotation_axis_offset (um): stage x shift from the centred
+                                          position during the projections (0 = axis at the detector
+                                          centre; + = axis towards higher columns)
       control                   NXmonitor data (n,): exposure time of each frame (s), the beam
                                           monitor of a simulated source of constant flux
       data                      NXdata    @signal="data"; hard links to data, rotation_angle, image_key
@@ -95,6 +99,9 @@ class NXtomoData:
         Identification.
     metadata
         corrflow's metadata groups (``identification``, ``references``, ``settings``) as dicts.
+    axis_offset_um
+        Nominal rotation-axis offset of an offset-centre scan (um; 0 = centred): the projections'
+        ``x_translation`` minus the centred stage x.
     """
 
     data: NDArray[np.uint16]
@@ -110,6 +117,12 @@ class NXtomoData:
     sample_name: str
     title: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    axis_offset_um: float = 0.0
+
+    @property
+    def half_acquisition(self) -> bool:
+        """Whether the axis was offset towards a detector edge (field of view widened by a full turn)."""
+        return self.axis_offset_um != 0.0
 
     def _select(self, key: int) -> NDArray[np.uint16]:
         return self.data[self.image_key == key]
@@ -171,6 +184,7 @@ def write_nxtomo(
     metadata: Mapping[str, Any],
     source_name: str = "corrflow simulated source",
     source_type: str = "Synchrotron X-ray Source",
+    axis_offset_um: float | None = None,
 ) -> Path:
     """Write frames and their geometry as an NXtomo file.
 
@@ -201,6 +215,12 @@ def write_nxtomo(
         other keys are stored too.
     source_name, source_type
         The X-ray source.
+    axis_offset_um
+        Offset-centre (half-acquisition) scan: how far the stage x was moved from its centred position
+        for the projections (um, + = rotation axis towards higher detector columns; 0 = centred). Written
+        as ``sample/rotation_axis_offset`` and ``detector/field_of_view`` ("Half" when non-zero).
+        Default: the ``axis_offset_um`` of ``metadata["settings"]["parameters"]`` (the scan's own
+        setting), else 0.
 
     Returns
     -------
@@ -241,6 +261,16 @@ def write_nxtomo(
         raise ValueError("count_time_s must be >= 0")
     pixel_size_um = _positive("pixel_size_um", pixel_size_um)
     energy_keV = _positive("energy_keV", energy_keV)
+    if axis_offset_um is None:  # the scan's own setting, so every exporter of a run records it
+        settings = metadata.get("settings")
+        parameters = settings.get("parameters") if isinstance(settings, Mapping) else None
+        axis_offset_um = parameters.get("axis_offset_um", 0.0) if isinstance(parameters, Mapping) else 0.0
+    try:
+        axis_offset_um = float(axis_offset_um)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"axis_offset_um must be a number (um), got {axis_offset_um!r}") from None
+    if not np.isfinite(axis_offset_um):
+        raise ValueError(f"axis_offset_um must be finite, got {axis_offset_um}")
     distance_mm = float(distance_mm)
     if not (np.isfinite(distance_mm) and distance_mm >= 0):
         raise ValueError(f"distance_mm must be a non-negative finite number, got {distance_mm}")
@@ -280,12 +310,19 @@ def write_nxtomo(
             _dataset(detector, "y_pixel_size", pixel_size_um, units="um")
             _dataset(detector, "distance", distance_mm, units="mm")
             _dataset(detector, "count_time", count_time, units="s")
+            # ESRF nxtomo's convention for offset-centre scans; readers that know it need nothing else.
+            detector["field_of_view"] = "Half" if axis_offset_um != 0.0 else "Full"
 
             sample = _group(entry, "sample", "NXsample")
             sample["name"] = sample_name
             _dataset(sample, "rotation_angle", angles, units="degree")
             for name, values in translations.items():
                 _dataset(sample, name, values, units="um")
+            offset = _dataset(sample, "rotation_axis_offset", axis_offset_um, units="um")
+            offset.attrs["description"] = (
+                "stage x shift from the centred position during the projections; + moves the rotation axis "
+                "towards higher detector columns (offset-centre / half-acquisition scan when non-zero)"
+            )
 
             control = _group(entry, "control", "NXmonitor")
             _dataset(control, "data", count_time, units="s")
@@ -417,6 +454,11 @@ def read_nxtomo(path: Path | str) -> NXtomoData:
                     metadata[key] = json.loads(_text(item[()]))
                 except json.JSONDecodeError as exc:
                     raise NXtomoError(f"{path}: /entry/corrflow_metadata/{key} is not valid JSON: {exc}") from None
+        axis_offset_um = (
+            _scalar(f, f"{_SAMPLE}/rotation_axis_offset", ("um", "micrometer"))
+            if f"{_SAMPLE}/rotation_axis_offset" in f
+            else 0.0
+        )
         energy = (
             _scalar(f, "/entry/instrument/monochromator/energy", ("keV",))
             if "/entry/instrument/monochromator/energy" in f
@@ -436,6 +478,7 @@ def read_nxtomo(path: Path | str) -> NXtomoData:
             sample_name=_text(_require(f, f"{_SAMPLE}/name")[()]),
             title=_text(f["/entry/title"][()]) if "/entry/title" in f else "",
             metadata=metadata,
+            axis_offset_um=axis_offset_um,
         )
 
 
@@ -517,6 +560,7 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
         distance_mm=settings["detector_distance_mm"],
         energy_keV=settings["detector_energy_keV"],
         count_time_s=settings["exposure_s"],
+        axis_offset_um=float(settings.get("axis_offset_um", 0.0)),
         sample_name=identification["sample_name"],
         title=f"{start.get('plan_name', 'scan')} of {identification['sample_name']} (run {start['uid']})",
         metadata={

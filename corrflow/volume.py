@@ -2,10 +2,20 @@
 
 Reads the raw NXtomo in slabs of detector rows, so memory stays bounded by a few copies of one
 slab of ``n_projections * chunk_rows * n_cols`` float32, plus the flat and dark means
-(``2 * rows * cols`` float32), one output slab (``chunk_rows * cols**2`` float32) and a 1 MiB hash
+(``2 * rows * cols`` float32), one output slab (``chunk_rows * width**2`` float32) and a 1 MiB hash
 buffer, whatever the size of the scan (tests/test_volume.py measures it). The volume is written as NeXus ``NXdata`` (``/entry/data/data``,
 axes ``z, y, x``, mu in 1/mm) under a temporary name and renamed only when complete, so a
 half-written volume never looks finished.
+
+Scans over a full turn are recognised from their angles. A centred 360° scan is back-projected over
+all its angles (FBP weights fold them modulo 180°). An offset-centre (half-acquisition) 360° scan, the
+rotation axis shifted towards one detector edge so that the two half turns together see a sample up
+to about twice the detector width, is recognised from the file (``/entry/sample/rotation_axis_offset``
+or ``field_of_view = "Half"`` written by :func:`corrflow.nexus.write_nxtomo`, or the ``axis_offset_um``
+setting of the scan) or told by ``half_acquisition=True``: its axis is found from the data
+(:func:`~corrflow.processing.sinogram360.find_axis_360`), each slab is converted to a 180° sinogram
+(:func:`~corrflow.processing.sinogram360.sinogram_360_to_180`) and reconstructed on the wider grid
+(``width = floor(2 c') + 1`` columns, ``c'`` the axis distance from the far detector edge).
 """
 
 from __future__ import annotations
@@ -26,6 +36,12 @@ import corrflow
 from corrflow.processing.centering import find_rotation_center
 from corrflow.processing.fbp import fbp_volume
 from corrflow.processing.normalize import line_integrals, reference_field
+from corrflow.processing.sinogram360 import (
+    covers_full_turn,
+    find_axis_360,
+    half_acquisition_geometry,
+    sinogram_360_to_180,
+)
 from corrflow.transfer import sha256_file
 
 IMAGE_KEY_PROJECTION, IMAGE_KEY_FLAT, IMAGE_KEY_DARK = 0, 1, 2
@@ -39,12 +55,15 @@ class VolumeInputError(ValueError):
 
 @dataclass(frozen=True)
 class VolumeProduct:
+    """A finished volume: ``center_px`` is the rotation-axis column on the DETECTOR (px)."""
+
     path: Path
     center_px: float
     voxel_size_um: float
     shape_zyx: tuple[int, int, int]
     input_sha256: str
     seconds: float
+    acquisition: str = "180"  # "180", "360" (centred) or "360-half" (offset centre, widened field)
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,9 @@ class SlabJob:
     filter_name: str
     pixel_size_um: float
     threads: int | None = None  # FBP threads; 1 per Dask worker thread avoids oversubscribing cores
+    # Offset-centre 360° scan: convert each sinogram to 180° (axis center_px on the detector) first.
+    half_acquisition: bool = False
+    output_size: int | None = None  # reconstruction grid (px); None = n_cols
 
 
 SlabMapper = Callable[[Iterable[SlabJob]], Iterator[tuple[SlabJob, np.ndarray]]]
@@ -77,11 +99,16 @@ def _line_integral_slab(raw: h5py.File, job: SlabJob) -> np.ndarray:
 
 
 def reconstruct_slab(job: SlabJob) -> np.ndarray:
-    """Read, normalize and back-project one slab; returns ``(r1 - r0, cols, cols)`` float32, mu in 1/mm."""
+    """Read, normalize and back-project one slab; returns ``(r1 - r0, n, n)`` float32, mu in 1/mm,
+    ``n = job.output_size`` (default the detector width)."""
     with h5py.File(job.nxtomo_path, "r") as raw:
         sinograms = _line_integral_slab(raw, job)
+    angles_deg, center_px = job.angles_deg, job.center_px
+    if job.half_acquisition:
+        half = sinogram_360_to_180(sinograms, angles_deg, center_px=center_px)
+        sinograms, angles_deg, center_px = half.sinograms, half.angles_deg, half.center_px
     return fbp_volume(
-        sinograms, job.angles_deg, center_px=job.center_px, filter_name=job.filter_name,
+        sinograms, angles_deg, center_px=center_px, filter_name=job.filter_name, output_size=job.output_size,
         pixel_size_um=job.pixel_size_um, workers=job.threads,
     )
 
@@ -107,6 +134,27 @@ def _index_for(indices: np.ndarray) -> slice | np.ndarray:
     return indices
 
 
+def _nominal_axis_offset_um(raw: h5py.File) -> tuple[float | None, bool]:
+    """The scan's nominal axis offset (um, None if unrecorded) and whether the file says half acquisition."""
+    offset_um: float | None = None
+    if "/entry/sample/rotation_axis_offset" in raw:  # written by corrflow.nexus, authoritative
+        offset_um = _length_um(raw["/entry/sample/rotation_axis_offset"])
+    elif "/entry/corrflow_metadata/settings" in raw:  # an older or foreign writer that kept our settings
+        try:
+            settings = json.loads(raw["/entry/corrflow_metadata/settings"][()])
+            value = settings.get("parameters", {}).get("axis_offset_um")
+            offset_um = None if value is None else float(value)
+        except (ValueError, TypeError, AttributeError):
+            offset_um = None  # foreign or malformed metadata: no nominal offset, not an error
+    half = False
+    if "/entry/instrument/detector/field_of_view" in raw:
+        text = raw["/entry/instrument/detector/field_of_view"][()]
+        half = (text.decode() if isinstance(text, bytes) else str(text)).strip().lower() == "half"
+    if offset_um is not None and offset_um != 0.0:
+        half = True
+    return offset_um, half
+
+
 def software_versions() -> dict[str, str]:
     import scipy
 
@@ -124,6 +172,7 @@ def reconstruct_nxtomo(
     progress: Callable[[int, int], None] | None = None,
     map_slabs: SlabMapper = sequential_slabs,
     threads: int | None = None,
+    half_acquisition: bool | None = None,
 ) -> VolumeProduct:
     """Normalize, centre and back-project every detector row of an NXtomo scan.
 
@@ -135,7 +184,8 @@ def reconstruct_nxtomo(
     output_path
         Volume file to create; must not exist.
     filter_name, center_px
-        FBP filter; rotation-axis column (px, 0-based). ``None`` finds it from the middle rows.
+        FBP filter; rotation-axis column on the detector (px, 0-based; for an offset-centre scan the
+        column near the detector edge). ``None`` finds it from the middle rows.
     chunk_rows
         Detector rows per slab (bounds memory).
     provenance
@@ -148,11 +198,22 @@ def reconstruct_nxtomo(
         a bounded number of slabs in flight, which bounds memory.
     threads
         FBP threads per slab (None = all cores).
+    half_acquisition
+        Offset-centre 360° scan (axis near a detector edge): ``None`` (default) decides from the file
+        (a recorded non-zero ``rotation_axis_offset`` / ``axis_offset_um``, or ``field_of_view``
+        "Half"); ``True`` / ``False`` override it. It needs angles over a full turn.
 
     Returns
     -------
     VolumeProduct
-        Volume shape ``(rows, cols, cols)`` as ``(z, y, x)``, voxel = detector pixel.
+        Volume shape ``(rows, n, n)`` as ``(z, y, x)``, voxel = detector pixel, ``n = cols`` (or the
+        widened field of an offset-centre scan); ``acquisition`` says which case it was.
+
+    Raises
+    ------
+    VolumeInputError
+        Missing or inconsistent datasets, no projections/flats/darks, a centre off the detector, or
+        half acquisition asked for a scan that does not cover a full turn.
     """
     nxtomo_path, output_path = Path(nxtomo_path), Path(output_path)
     if chunk_rows < 1:
@@ -186,32 +247,76 @@ def reconstruct_nxtomo(
         angles_deg = angles_all[proj_idx]
         if not np.all(np.isfinite(angles_deg)):
             raise VolumeInputError("rotation_angle: non-finite angles")
+        full_turn = covers_full_turn(angles_deg)
+        nominal_offset_um, recorded_half = _nominal_axis_offset_um(raw)
+        half = recorded_half if half_acquisition is None else bool(half_acquisition)
+        if half and not full_turn:
+            raise VolumeInputError(
+                f"rotation_angle: half acquisition (offset centre) needs projections over a full turn, got "
+                f"{angles_deg.min():.1f}..{angles_deg.max():.1f} deg"
+            )
 
         flat = reference_field(data[_index_for(flat_idx)], name="flats")
         dark = reference_field(data[_index_for(dark_idx)], name="darks")
 
-        def job(r0: int, r1: int, centre: float) -> SlabJob:
+        def job(r0: int, r1: int, centre: float, output_size: int | None = None) -> SlabJob:
             return SlabJob(
                 nxtomo_path=str(nxtomo_path), r0=r0, r1=r1, projection_index=_index_for(proj_idx),
                 flat_rows=flat[r0:r1], dark_rows=dark[r0:r1], angles_deg=angles_deg, center_px=centre,
                 filter_name=filter_name, pixel_size_um=pixel_size_um, threads=threads,
+                half_acquisition=half, output_size=output_size,
             )
 
+        axis_correlation: float | None = None
         if center_px is None:
             mid = n_rows // 2
             middle = _line_integral_slab(raw, job(max(0, mid - 2), min(n_rows, mid + 2), 0.0))
-            center_px = float(np.median([find_rotation_center(s, angles_deg) for s in middle]))
+            if half:
+                # The nominal offset gives the side and a generous window: the true axis differs by
+                # the alignment error of the centred position.
+                search: dict[str, Any] = {}
+                if nominal_offset_um:
+                    nominal = (n_cols - 1) / 2 + nominal_offset_um / pixel_size_um
+                    search = {"side": "right" if nominal_offset_um > 0 else "left",
+                              "search_center_px": nominal, "search_radius_px": max(8.0, n_cols / 4)}
+                try:
+                    axis = find_axis_360(middle, angles_deg, **search)
+                except ValueError as exc:
+                    raise VolumeInputError(f"offset-centre axis: {exc}") from None
+                center_px, axis_correlation = axis.center_px, axis.correlation
+            else:
+                center_px = float(np.median([find_rotation_center(s, angles_deg) for s in middle]))
         if not (0.0 <= center_px <= n_cols - 1):
             raise VolumeInputError(f"centre {center_px:.2f} px lies outside the detector (0..{n_cols - 1})")
+        width = n_cols
+        conversion: dict[str, Any] = {}
+        if half:
+            try:
+                geometry = half_acquisition_geometry(n_cols=n_cols, center_px=center_px)
+            except ValueError as exc:
+                raise VolumeInputError(f"offset-centre scan: {exc}") from None
+            width = geometry.width_px
+            conversion = {
+                "conversion": "360 deg offset-centre -> 180 deg sinogram, halves blended linearly over the overlap",
+                "overlap_px": geometry.overlap_px,
+                "axis_side": geometry.side,
+                "center_180_px": geometry.center_180_px,
+                "n_projections_reconstructed": int(np.sum(angles_deg - angles_deg.min() < 180.0 - 1e-6)),
+                "axis_correlation": axis_correlation,
+            }
+        acquisition = "360-half" if half else ("360" if full_turn else "180")
 
         partial = output_path.with_name(output_path.name + ".part")
         partial.parent.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             partial.unlink()  # a previous attempt died mid-write; it was never a finished product
         try:
-            jobs = [job(r0, min(n_rows, r0 + chunk_rows), center_px) for r0 in range(0, n_rows, chunk_rows)]
+            jobs = [
+                job(r0, min(n_rows, r0 + chunk_rows), center_px, None if width == n_cols else width)
+                for r0 in range(0, n_rows, chunk_rows)
+            ]
             _write_volume(
-                partial, map_slabs(jobs), n_rows=n_rows, n_cols=n_cols, pixel_size_um=pixel_size_um,
+                partial, map_slabs(jobs), n_rows=n_rows, n_cols=width, pixel_size_um=pixel_size_um,
                 progress=progress,
                 record={
                     "input_file": str(nxtomo_path),
@@ -222,6 +327,12 @@ def reconstruct_nxtomo(
                         "chunk_rows": chunk_rows,
                         "voxel_size_um": pixel_size_um,
                         "n_projections": int(proj_idx.size),
+                        "acquisition": acquisition,
+                        "scan_range_deg": float(np.ptp(angles_deg) + np.median(np.abs(np.diff(np.sort(angles_deg))))),
+                        "axis_offset_um": nominal_offset_um,
+                        "detector_cols": n_cols,
+                        "volume_width_px": width,
+                        **conversion,
                     },
                     "software": software_versions(),
                     "created": datetime.now(timezone.utc).isoformat(),
@@ -236,9 +347,10 @@ def reconstruct_nxtomo(
         path=output_path,
         center_px=float(center_px),
         voxel_size_um=pixel_size_um,
-        shape_zyx=(n_rows, n_cols, n_cols),
+        shape_zyx=(n_rows, width, width),
         input_sha256=input_sha256,
         seconds=time.perf_counter() - start,
+        acquisition=acquisition,
     )
 
 

@@ -30,11 +30,24 @@ class Sample(_Model):
 
 
 class TomographyParameters(_Model):
-    """Settings of a step-scan tomography (0-180 degrees by default)."""
+    """Settings of a step-scan tomography (0-180 degrees by default; 360 and offset centre optional)."""
 
-    num_projections: int = Field(180, ge=2, le=20000, description="Projections equally spaced over [start_deg, stop_deg)")
+    num_projections: int = Field(
+        180, ge=2, le=20000,
+        description="Projections in all, equally spaced over [start_deg, stop_deg); a full turn needs twice as many for the same step",
+    )
     start_deg: float = Field(0.0, description="First rotation angle (deg)")
-    stop_deg: float = Field(180.0, description="End of the angular range (deg), not itself measured; 180 for a half turn")
+    stop_deg: float | None = Field(
+        None, description="End of the angular range (deg), not itself measured; empty = start_deg + rotation_range_deg"
+    )
+    rotation_range_deg: Literal[180.0, 360.0] | None = Field(
+        None, description="180 (half turn, default) or 360 (full turn, needed for an axis offset); or give stop_deg"
+    )
+    axis_offset_um: float = Field(
+        0.0,
+        description="Offset centre / half acquisition (um): stage x shift for the projections that puts the rotation "
+        "axis near a detector edge, widening the field of view; needs rotation_range_deg=360; 0 = centred",
+    )
     exposure_s: float = Field(0.05, gt=0, le=60, description="Exposure per frame (s)")
     num_darks: int = Field(5, ge=1, le=1000, description="Dark frames (shutter closed) before the projections")
     num_flats: int = Field(10, ge=1, le=1000, description="Flat frames (sample out of the beam)")

@@ -6,7 +6,9 @@ signature. The first positional parameter is the instrument the plan runs on.
 
 Layers (as bluesky's): stubs (:mod:`.stubs`: frames, settle, wait for a position) -> wrappers
 (bluesky's ``run``/``stage``/``finalize`` preprocessors) -> plans: :mod:`.tomography` (step scan),
-:mod:`.fly` (continuous rotation), :mod:`.mosaic` (X-ray and micrograph tiling), :mod:`.insitu`
+:mod:`.fly` (continuous rotation) -- both over a half or a full turn (``rotation_range_deg``), the full
+turn optionally with the rotation axis offset towards a detector edge (``axis_offset_um``) for samples
+wider than the detector -- :mod:`.mosaic` (X-ray and micrograph tiling), :mod:`.insitu`
 (temperature series, time-lapse), :mod:`.alignment` (rotation axis), :mod:`.relocation` (ROI via a
 4x4 transform), :mod:`.microscopy` (micrograph). :mod:`.interruptions` holds the suspenders and
 the EPICS connection watcher.

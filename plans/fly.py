@@ -10,6 +10,11 @@ fly part holds no events: its frames and, per frame, the rotation angle at mid-e
 x, y, z translations (NDAttributes written with the frames) are announced as stream assets.
 The angles recorded are the measured ones, not the nominal ``start + k * step``.
 
+A full turn (``rotation_range_deg=360``) and an offset centre (``axis_offset_um``) work as in the step
+scan: the stage x sits at its start plus ``axis_offset_um`` for the whole fly part, and each frame's
+recorded x translation says so. The whole fly path, run-up included, must fit the rotation's limits
+(e.g. ``start_deg=-180`` for a full turn on a +-360 deg stage).
+
 Whatever happens, the plan ends with the shutter closed, the rotation at its nominal speed
 and the stage back at its starting x and angle.
 """
@@ -17,7 +22,7 @@ and the stage back at its starting x and angle.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
@@ -48,7 +53,9 @@ def tomo_fly_scan(
     exposure_s: float,
     sample: SampleInfo | Mapping[str, str],
     start_deg: float = 0.0,
-    stop_deg: float = 180.0,
+    stop_deg: float | None = None,
+    rotation_range_deg: Literal[180.0, 360.0] | None = None,
+    axis_offset_um: float = 0.0,
     readout_s: float = 0.001,
     run_up_deg: float | None = None,
     num_darks: int = 10,
@@ -64,13 +71,21 @@ def tomo_fly_scan(
     beamline
         A :class:`~corrflow.devices.beamline.Beamline` (simulated or EPICS).
     num_projections
-        Frames taken during the rotation (>= 2).
+        Frames taken during the rotation (>= 2), in all: a full turn at the angular step of a half
+        turn takes twice as many.
     exposure_s
         Exposure of every frame (s, > 0).
     sample
         Identification of the sample.
     start_deg, stop_deg
-        Angular range swept while acquiring (deg).
+        Angular range swept while acquiring (deg); ``stop_deg`` defaults to
+        ``start_deg + rotation_range_deg``.
+    rotation_range_deg
+        180 (default) or 360; give it or ``stop_deg`` (both only if they agree).
+    axis_offset_um
+        Offset centre / half acquisition (um, default 0): stage x shift from its (centred) start during
+        the projections; needs ``rotation_range_deg=360``. See
+        :func:`~corrflow.plans.tomography.tomo_scan` for its limits.
     readout_s
         Dead time between frames (s, >= 0); the frame period is ``exposure_s + readout_s``.
     run_up_deg
@@ -105,6 +120,8 @@ def tomo_fly_scan(
         sample=sample,
         start_deg=start_deg,
         stop_deg=stop_deg,
+        rotation_range_deg=rotation_range_deg,
+        axis_offset_um=axis_offset_um,
         num_darks=num_darks,
         num_flats=num_flats,
         flat_offset_x_um=flat_offset_x_um,

@@ -15,6 +15,16 @@ flat       1          shutter open, sample moved out of the beam by ``flat_offse
 primary    0          shutter open, one frame per angle over ``[start_deg, stop_deg)``
 =========  =========  ============================================================
 
+Rotation range: a half turn (``rotation_range_deg=180``, the default; complete for a parallel beam)
+or a full turn (``rotation_range_deg=360``). Offset centre (half acquisition): with a full turn and
+``axis_offset_um`` the projections are taken with the stage x moved by ``axis_offset_um`` from its
+(centred) starting position, which puts the rotation axis that far from the detector centre; the
+two half turns then see opposite halves of the sample, and a sample up to about
+``2 * (detector width - overlap / 2)`` wide is reconstructed (:mod:`corrflow.processing.sinogram360`).
+The offset is recorded in ``settings`` (``axis_offset_um``, ``rotation_range_deg``, ``field_of_view``,
+``nominal_overlap_px``), in every projection's ``x_translation`` and, through
+:func:`corrflow.nexus.write_nxtomo_from_documents`, in the NXtomo file.
+
 Every event also holds the stage's rotation angle and translations (the geometry of that frame),
 the shutter state and, on a beamline with a heater, the measured sample temperature. Whatever happens, the plan ends with the shutter closed and the stage back
 at its starting x and rotation.
@@ -23,7 +33,7 @@ at its starting x and rotation.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
@@ -57,7 +67,11 @@ _UNITS = {
     "num_projections": "",
     "start_deg": "deg",
     "stop_deg": "deg",
+    "rotation_range_deg": "deg",
     "angle_step_deg": "deg",
+    "axis_offset_um": "um",
+    "field_of_view": "",
+    "nominal_overlap_px": "px",
     "exposure_s": "s",
     "num_darks": "",
     "num_flats": "",
@@ -76,7 +90,9 @@ def tomo_scan(
     exposure_s: float,
     sample: SampleInfo | Mapping[str, str],
     start_deg: float = 0.0,
-    stop_deg: float = 180.0,
+    stop_deg: float | None = None,
+    rotation_range_deg: Literal[180.0, 360.0] | None = None,
+    axis_offset_um: float = 0.0,
     num_darks: int = 10,
     num_flats: int = 10,
     flat_offset_x_um: float | None = None,
@@ -90,18 +106,33 @@ def tomo_scan(
     beamline
         A :class:`~corrflow.devices.beamline.Beamline`, or ``(stage, detector, shutter)``.
     num_projections
-        Number of projections (>= 2), equally spaced over ``[start_deg, stop_deg)``.
+        Number of projections (>= 2) in all, equally spaced over ``[start_deg, stop_deg)``: a full turn
+        at the angular step of a half turn takes twice as many (and twice the exposure time).
     exposure_s
         Exposure time of every frame (s, > 0).
     sample
         Identification of the sample (:class:`~corrflow.plans.metadata.SampleInfo` or its fields).
     start_deg, stop_deg
-        Angular range (deg); ``stop_deg`` itself is not measured (180 deg is a full parallel-beam set).
+        Angular range (deg); ``stop_deg`` itself is not measured. ``stop_deg`` defaults to
+        ``start_deg + rotation_range_deg``.
+    rotation_range_deg
+        180 (default: a half turn, a complete parallel-beam set) or 360 (a full turn, needed for
+        ``axis_offset_um``). Give it or ``stop_deg``; both only if they agree.
+    axis_offset_um
+        Offset centre / half acquisition (um, default 0 = centred): the stage x is moved by this much
+        from its current position, taken to centre the rotation axis on the detector (run
+        ``align_rotation_axis`` first), for the projections; + puts the axis towards higher detector
+        columns. Needs ``rotation_range_deg=360``; the two half turns then widen the field of view to
+        about ``2 * detector width - overlap``. It must leave at least
+        :data:`~corrflow.plans.validation.MIN_HALF_ACQUISITION_OVERLAP_PX` (16) detector columns seen by
+        both half turns, i.e. ``|axis_offset_um| <= (cols - 16) / 2 * pixel_size_um``, and keep x within
+        its limits.
     num_darks, num_flats
         Dark frames (shutter closed) and flat frames (sample out of the beam), each >= 1.
     flat_offset_x_um
-        Stage x excursion for flats (um); default 1.5 x the detector width. It must clear the field
-        of view and stay within the x limits.
+        Stage x excursion for flats (um), from the starting x; default 1.5 x the detector width. It must
+        clear the field of view (offset centre: at least detector width + ``|axis_offset_um|``) and stay
+        within the x limits.
     parent_uids
         Runs or datasets this scan follows from (recorded in ``references``).
     md
@@ -124,6 +155,8 @@ def tomo_scan(
         sample=sample,
         start_deg=start_deg,
         stop_deg=stop_deg,
+        rotation_range_deg=rotation_range_deg,
+        axis_offset_um=axis_offset_um,
         num_darks=num_darks,
         num_flats=num_flats,
         flat_offset_x_um=flat_offset_x_um,
@@ -142,7 +175,11 @@ def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
         "num_projections": request.num_projections,
         "start_deg": request.start_deg,
         "stop_deg": request.stop_deg,
+        "rotation_range_deg": request.rotation_range_deg,
         "angle_step_deg": (request.stop_deg - request.start_deg) / request.num_projections,
+        "axis_offset_um": request.axis_offset_um,
+        "field_of_view": "half" if request.half_acquisition else "full",
+        "nominal_overlap_px": request.nominal_overlap_px,
         "exposure_s": request.exposure_s,
         "num_darks": request.num_darks,
         "num_flats": request.num_flats,
@@ -152,7 +189,7 @@ def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
         "detector_energy_keV": float(detector.energy_keV.get()),
         "detector_distance_mm": float(detector.distance_mm.get()),
     }
-    translation_um = (request.initial_x_um, float(stage.y.position), float(stage.z.position))
+    translation_um = (request.projection_x_um, float(stage.y.position), float(stage.z.position))
     lab_from_sample = similarity(rotation_deg=angles[0], translation_um=translation_um)
     try:
         return build_start_metadata(
@@ -207,7 +244,8 @@ def _tomo_scan_plan(request: TomoScanRequest, start_md: dict[str, Any]) -> MsgGe
 
 def reference_frames(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
     """Dark frames (shutter closed), then flat frames (sample out of the beam); ends with the
-    shutter open, the stage back at ``x0`` and ``image_key`` set to projection."""
+    shutter open, the stage at the projection position ``x0 + axis_offset_um`` and ``image_key`` set
+    to projection."""
     devices = request.devices
     stage, detector, shutter = devices.stage, devices.detector, devices.shutter
     readables = _readables(request)
@@ -219,7 +257,7 @@ def reference_frames(request: TomoScanRequest, *, x0: float) -> MsgGenerator[Non
     yield from bps.mv(stage.x, x0 + request.flat_offset_x_um, shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
     yield from repeated_frames(detector, readables, stream="flat", num_frames=request.num_flats)
 
-    yield from bps.mv(stage.x, x0, detector.image_key, IMAGE_KEY_PROJECTION)
+    yield from bps.mv(stage.x, x0 + request.axis_offset_um, detector.image_key, IMAGE_KEY_PROJECTION)
 
 
 def _readables(request: TomoScanRequest) -> list[Any]:

@@ -39,6 +39,8 @@ from corrflow.plans.metadata import RESERVED_KEYS, SampleInfo
 __all__ = [
     "MAX_EXPOSURE_S",
     "MAX_PROJECTIONS",
+    "MIN_HALF_ACQUISITION_OVERLAP_PX",
+    "ROTATION_RANGES_DEG",
     "MicrographRequest",
     "PlanEstimate",
     "PlanValidationError",
@@ -60,6 +62,12 @@ MAX_PROJECTIONS = 100_000
 MAX_REFERENCE_FRAMES = 10_000
 DISK_RESERVE_BYTES = 100 * 2**20
 """Free space a plan must leave on the detector's file system (bytes)."""
+ROTATION_RANGES_DEG = (180.0, 360.0)
+"""The rotation ranges ``rotation_range_deg`` names: a half turn (parallel beam: complete) or a full turn."""
+MIN_HALF_ACQUISITION_OVERLAP_PX = 16
+"""Detector columns both half turns of an offset-centre scan must share (nominally, with the axis at the
+detector centre at the current stage x): the reconstruction blends the halves over them and finds the
+true axis by correlating them, and the real axis may sit a few pixels from the nominal one."""
 
 
 def free_bytes(path: Path) -> tuple[int, Path]:
@@ -270,6 +278,28 @@ class TomoScanRequest:
     md: dict[str, Any]
     initial_x_um: float
     initial_rotation_deg: float
+    axis_offset_um: float = 0.0
+
+    @property
+    def rotation_range_deg(self) -> float:
+        """``stop_deg - start_deg`` (deg)."""
+        return self.stop_deg - self.start_deg
+
+    @property
+    def half_acquisition(self) -> bool:
+        """Offset centre: the projections are taken with the stage x at ``initial_x_um + axis_offset_um``."""
+        return self.axis_offset_um != 0.0
+
+    @property
+    def projection_x_um(self) -> float:
+        """Stage x during the projections (um)."""
+        return self.initial_x_um + self.axis_offset_um
+
+    @property
+    def nominal_overlap_px(self) -> float:
+        """Detector columns both half turns see, if the axis is at the detector centre at ``initial_x_um``."""
+        cols = self.devices.detector.frame_shape_px[1]
+        return cols - 2.0 * abs(self.axis_offset_um) / float(self.devices.detector.pixel_size_um.get())
 
     @property
     def angles_deg(self) -> tuple[float, ...]:
@@ -289,7 +319,9 @@ def validate_tomo_scan(
     exposure_s: Any,
     sample: Any,
     start_deg: Any = 0.0,
-    stop_deg: Any = 180.0,
+    stop_deg: Any = None,
+    rotation_range_deg: Any = None,
+    axis_offset_um: Any = 0.0,
     num_darks: Any = 10,
     num_flats: Any = 10,
     flat_offset_x_um: Any = None,
@@ -298,12 +330,19 @@ def validate_tomo_scan(
 ) -> TomoScanRequest:
     """Check every argument of ``tomo_scan`` against types, units and the instrument's limits.
 
-    The checks: ``num_projections`` an integer >= 2; ``exposure_s`` in (0, 3600] s; ``start_deg``
-    < ``stop_deg``, at most one turn apart, every projection angle within the rotation's soft
-    limits; ``num_darks``, ``num_flats`` integers >= 1; ``flat_offset_x_um`` (default: 1.5 x the
-    detector width) moves the sample out of the field of view (at least one detector width)
-    and stays within the x soft limits; ``sample`` a valid :class:`SampleInfo`; ``md`` a mapping
-    without plan-owned keys.
+    The checks: ``num_projections`` an integer >= 2; ``exposure_s`` in (0, 3600] s; ``stop_deg``
+    (default ``start_deg + rotation_range_deg``, and ``rotation_range_deg`` default 180) > ``start_deg``,
+    at most one turn apart, every projection angle within the rotation's soft limits;
+    ``rotation_range_deg`` 180 or 360 and, if ``stop_deg`` is given too, equal to ``stop_deg - start_deg``;
+    ``num_darks``, ``num_flats`` integers >= 1; ``flat_offset_x_um`` (default: 1.5 x the detector width)
+    moves the sample out of the field of view (at least one detector width) and stays within the x soft
+    limits; ``sample`` a valid :class:`SampleInfo`; ``md`` a mapping without plan-owned keys.
+
+    A non-zero ``axis_offset_um`` (offset centre, half acquisition) also needs: a full turn
+    (``stop_deg - start_deg == 360``); ``x + axis_offset_um`` within the x soft limits; a nominal overlap
+    ``cols - 2 |axis_offset_um| / pixel_size_um`` of at least :data:`MIN_HALF_ACQUISITION_OVERLAP_PX`
+    columns; and flats that clear the widened field, ``|flat_offset_x_um| >= detector width +
+    |axis_offset_um|``.
 
     Raises
     ------
@@ -316,7 +355,21 @@ def validate_tomo_scan(
     n_proj = checks.integer("num_projections", num_projections, minimum=2, maximum=MAX_PROJECTIONS)
     exposure = checks.number("exposure_s", exposure_s, unit="s", gt=0.0, le=MAX_EXPOSURE_S)
     start = checks.number("start_deg", start_deg, unit="deg")
-    stop = checks.number("stop_deg", stop_deg, unit="deg")
+    span = None
+    if rotation_range_deg is not None:
+        span = checks.number("rotation_range_deg", rotation_range_deg, unit="deg")
+        if span is not None and span not in ROTATION_RANGES_DEG:
+            checks.fail(f"rotation_range_deg must be 180 or 360 deg, got {span}")
+            span = None
+    if stop_deg is None:
+        stop = None if start is None else start + (span if span is not None else ROTATION_RANGES_DEG[0])
+    else:
+        stop = checks.number("stop_deg", stop_deg, unit="deg")
+        if span is not None and start is not None and stop is not None and not math.isclose(stop - start, span):
+            checks.fail(
+                f"stop_deg - start_deg ({stop - start}) disagrees with rotation_range_deg ({span}): give one of them"
+            )
+    axis_offset = checks.number("axis_offset_um", axis_offset_um, unit="um")
     darks = checks.integer("num_darks", num_darks, minimum=1, maximum=MAX_REFERENCE_FRAMES)
     flats = checks.integer("num_flats", num_flats, minimum=1, maximum=MAX_REFERENCE_FRAMES)
     rows, cols = detector.frame_shape_px
@@ -341,6 +394,31 @@ def validate_tomo_scan(
                     f"projection angles [{start}, {last}] deg exceed the rotation limits [{low}, {high}] deg"
                 )
     x0 = float(stage.x.position)
+    if axis_offset:  # offset centre (half acquisition)
+        pixel_um = float(detector.pixel_size_um.get())
+        if start is not None and stop is not None and not math.isclose(stop - start, 360.0):
+            checks.fail(
+                f"axis_offset_um ({axis_offset}) (offset centre, half acquisition) needs a full turn: "
+                f"rotation_range_deg=360, got stop_deg - start_deg = {stop - start}"
+            )
+        overlap_px = cols - 2.0 * abs(axis_offset) / pixel_um
+        if overlap_px < MIN_HALF_ACQUISITION_OVERLAP_PX:
+            largest_um = (cols - MIN_HALF_ACQUISITION_OVERLAP_PX) / 2.0 * pixel_um
+            checks.fail(
+                f"axis_offset_um ({axis_offset}) leaves {overlap_px:.1f} px seen by both half turns; at least "
+                f"{MIN_HALF_ACQUISITION_OVERLAP_PX} px are needed: |axis_offset_um| <= {largest_um:g} um"
+            )
+        low, high = stage.x.limits
+        if not low <= x0 + axis_offset <= high:
+            checks.fail(
+                f"axis_offset_um ({axis_offset}) moves x from {x0} to {x0 + axis_offset} um, outside its limits "
+                f"[{low}, {high}] um"
+            )
+        if offset is not None and abs(offset) < field_width_um + abs(axis_offset):
+            checks.fail(
+                f"flat_offset_x_um ({offset}) must move the widened sample out of the field of view: "
+                f"|offset| >= detector width + |axis_offset_um| = {field_width_um + abs(axis_offset)} um"
+            )
     if offset is not None:
         if abs(offset) < field_width_um:
             checks.fail(
@@ -369,6 +447,7 @@ def validate_tomo_scan(
         md=user_md,
         initial_x_um=x0,
         initial_rotation_deg=float(stage.rotation.position),
+        axis_offset_um=float(axis_offset or 0.0),
     )
 
 
@@ -454,7 +533,7 @@ def estimate_tomo_fly_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
     step = _estimate_tomo(tomo)
     stage = tomo.devices.stage
     rotation_v, x_v = request.nominal_velocity_deg_per_s, float(stage.x.velocity.get())
-    references_s = (tomo.num_darks + tomo.num_flats) * tomo.exposure_s + 2 * abs(tomo.flat_offset_x_um) / x_v
+    references_s = (tomo.num_darks + tomo.num_flats) * tomo.exposure_s + _x_travel_um(tomo) / x_v
     motion_s = (
         abs(request.first_deg - tomo.initial_rotation_deg) / rotation_v
         + (request.last_deg - request.first_deg) / request.velocity_deg_per_s
@@ -467,9 +546,10 @@ def estimate_tomo_fly_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
 def estimate_tomo_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
     """Duration and data volume of ``tomo_scan(beamline, **kwargs)`` (validates the arguments first).
 
-    The duration adds the exposures, the rotation steps and the flat-field excursion at the
-    axes' velocities, the return to the start and the shutter actuations; the detector is taken
-    to read out during the next exposure (no dead time).
+    The duration adds the exposures (``num_projections`` of them: a full turn at the angular step of a
+    half turn takes twice as many, and twice the time), the rotation sweep, the flat-field excursion and
+    the offset-centre move at the axes' velocities, the return to the start and the shutter actuations;
+    the detector is taken to read out during the next exposure (no dead time).
 
     Raises
     ------
@@ -478,6 +558,12 @@ def estimate_tomo_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
     """
     request = validate_tomo_scan(beamline, **kwargs)
     return _estimate_tomo(request)
+
+
+def _x_travel_um(request: TomoScanRequest) -> float:
+    """Stage x path (um): out for the flats, to the projection position (offset centre), back to the start."""
+    flat, axis = request.flat_offset_x_um, request.axis_offset_um
+    return abs(flat) + abs(flat - axis) + abs(axis)
 
 
 def _estimate_tomo(request: TomoScanRequest) -> PlanEstimate:
@@ -489,7 +575,7 @@ def _estimate_tomo(request: TomoScanRequest) -> PlanEstimate:
         abs(angles[0] - request.initial_rotation_deg) / rotation_v
         + abs(angles[-1] - angles[0]) / rotation_v
         + abs(angles[-1] - request.initial_rotation_deg) / rotation_v
-        + 2 * abs(request.flat_offset_x_um) / x_v
+        + _x_travel_um(request) / x_v
     )
     shutter_s = 3 * float(shutter.actuation_time_s.get())  # close, open, close
     duration_s = request.n_frames * request.exposure_s + motion_s + shutter_s

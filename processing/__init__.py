@@ -17,6 +17,10 @@ phase
     Paganin single-distance phase retrieval: :func:`paganin`.
 centering
     Rotation-axis column from opposed projections: :func:`find_rotation_center`.
+sinogram360
+    Full-turn scans: offset-centre (half-acquisition) 360° sinograms -> 180° sinograms of about twice the
+    width (:func:`sinogram_360_to_180`), their axis from the data (:func:`find_axis_360`),
+    :func:`covers_full_turn`.
 fbp
     Filtered back-projection: :func:`fbp` (one slice), :func:`fbp_volume` (a stack of sinograms);
     ``method="gridrec"`` (Fourier, default) or ``"direct"``; ``backend="auto"|"cpu"|"gpu"``.
@@ -51,6 +55,7 @@ from corrflow.processing.normalize import line_integrals, minus_log, normalize
 from corrflow.processing.phase import paganin
 from corrflow.processing.resolution import fourier_correlation, half_dataset_resolution, resolution_from_curve
 from corrflow.processing.rings import remove_stripes_sorting
+from corrflow.processing.sinogram360 import covers_full_turn, find_axis_360, sinogram_360_to_180
 
 # Registration needs scikit-image and SimpleITK (about a second to import); resolved on first use so
 # `from corrflow.processing.transforms import ...` stays cheap for devices and flows.
@@ -79,6 +84,8 @@ __all__ = [
     "BACKENDS",
     "FILTERS",
     "METHODS",
+    "covers_full_turn",
+    "find_axis_360",
     "fourier_correlation",
     "gpu_available",
     "gpu_unavailable_reason",
@@ -102,6 +109,7 @@ __all__ = [
     "nrmse",
     "register_microscope_to_slice",
     "rmse",
+    "sinogram_360_to_180",
 ]
 
 

@@ -229,3 +229,24 @@ def test_a_simulated_scan_converts_to_nxtomo(tmp_path):
             recorded.append(f["/entry/data/data"][()])
     np.testing.assert_array_equal(scan.data, np.concatenate(recorded))
     assert scan.darks.mean() < 150 < scan.flats.mean()
+
+
+def test_offset_centre_scan_records_its_axis_offset(tmp_path):
+    """Half acquisition: ``sample/rotation_axis_offset`` (um) and ``detector/field_of_view`` = "Half",
+    given explicitly or taken from the scan's own ``axis_offset_um`` setting; a centred scan says "Full"."""
+    arrays = _scan_arrays()
+    centred = read_nxtomo(write_nxtomo(tmp_path / "centred.nxs", **arrays))
+    assert centred.axis_offset_um == 0.0 and not centred.half_acquisition
+    explicit = read_nxtomo(write_nxtomo(tmp_path / "explicit.nxs", **arrays, axis_offset_um=-160.0))
+    assert explicit.axis_offset_um == -160.0 and explicit.half_acquisition
+    settings = {"parameters": {"exposure_s": 0.1, "axis_offset_um": 160.0}, "units": {"exposure_s": "s", "axis_offset_um": "um"}}
+    path = write_nxtomo(tmp_path / "from_settings.nxs", **{**arrays, "metadata": {**arrays["metadata"], "settings": settings}})
+    assert read_nxtomo(path).axis_offset_um == 160.0
+    with h5py.File(path, "r") as f:
+        assert f["/entry/instrument/detector/field_of_view"][()].decode() == "Half"
+        assert f["/entry/sample/rotation_axis_offset"].attrs["units"] == "um"
+    with h5py.File(tmp_path / "centred.nxs", "r") as f:
+        assert f["/entry/instrument/detector/field_of_view"][()].decode() == "Full"
+    with pytest.raises(ValueError, match="axis_offset_um"):
+        write_nxtomo(tmp_path / "bad.nxs", **arrays, axis_offset_um=float("nan"))
+    assert not (tmp_path / "bad.nxs").exists()
