@@ -45,68 +45,31 @@ from numpy.typing import NDArray
 from benchmarks._common import best_of, machine_note, print_table, write_results
 from corrflow.processing.fbp import fbp
 from corrflow.processing.phase import paganin
+from corrflow.simulators.ellipses import SHEPP_LOGAN_HIGH_CONTRAST, detector_sinogram, rasterise, scale_ellipses
 
 NAME = "reconstruction"
 
-# (mu_per_mm, x0, y0, a, b, phi_deg), lengths as fractions of the phantom radius: a high-contrast
-# Shepp-Logan variant (the same as tests/test_processing_recon.py), with an off-axis rotated ellipse
-# that pins the orientation.
-ELLIPSES = (
-    (2.0, 0.0, 0.0, 0.69, 0.92, 0.0),
-    (-1.6, 0.0, -0.0184, 0.6624, 0.874, 0.0),
-    (-0.4, 0.22, 0.0, 0.11, 0.31, -18.0),
-    (-0.4, -0.22, 0.0, 0.16, 0.41, 18.0),
-    (0.4, 0.0, 0.35, 0.21, 0.25, 0.0),
-    (0.4, 0.0, 0.1, 0.046, 0.046, 0.0),
-    (0.4, 0.0, -0.1, 0.046, 0.046, 0.0),
-    (0.4, -0.08, -0.605, 0.046, 0.023, 0.0),
-    (0.4, 0.06, -0.605, 0.023, 0.046, 0.0),
-    (0.6, 0.35, 0.45, 0.08, 0.05, 30.0),
-)
 PIXEL_UM = 1.0
 _INSTALL = "pip install -r benchmarks/requirements.txt"
 
 
 def phantom_um(n: int) -> list[tuple[float, ...]]:
-    radius = 0.42 * n * PIXEL_UM
-    return [(mu, x * radius, y * radius, a * radius, b * radius, phi) for mu, x, y, a, b, phi in ELLIPSES]
+    """The analytic phantom (``corrflow.simulators.ellipses``) filling 84 % of an n-pixel field."""
+    return scale_ellipses(SHEPP_LOGAN_HIGH_CONTRAST, 0.42 * n * PIXEL_UM)
 
 
 def analytic_sinogram(
     n: int, angles_deg: NDArray[np.float64], axis_px: float, *, aperture: int = 5
 ) -> NDArray[np.float32]:
-    """Closed-form line integrals ``(n_angles, n)`` in the corrflow convention (INTERFACES.md),
-    averaged over each pixel's width (``aperture`` sub-samples)."""
-    offsets = (np.arange(aperture) + 0.5) / aperture - 0.5
-    u = (((np.arange(n) - axis_px)[:, None] + offsets[None, :]).ravel() * PIXEL_UM)[None, :]
-    theta = np.radians(angles_deg)[:, None]
-    nx, ny = np.cos(theta), -np.sin(theta)
-    out = np.zeros((angles_deg.size, u.shape[1]))
-    for mu, x0, y0, a, b, phi in phantom_um(n):
-        relative = -theta - np.radians(phi)
-        s_max2 = (a * np.cos(relative)) ** 2 + (b * np.sin(relative)) ** 2
-        s = u - (x0 * nx + y0 * ny)
-        out += mu * (2 * a * b * np.sqrt(np.clip(s_max2 - s**2, 0, None)) / s_max2) / 1000.0
-    return out.reshape(angles_deg.size, n, aperture).mean(axis=-1).astype(np.float32)
+    """Closed-form line integrals ``(n_angles, n)`` in the corrflow convention, averaged over each
+    pixel's width (``aperture`` sub-samples)."""
+    return detector_sinogram(phantom_um(n), angles_deg, n_cols=n, center_px=axis_px, pixel_um=PIXEL_UM,
+                             aperture=aperture).astype(np.float32)
 
 
 def rasterised(n: int, grid_center_px: float, *, supersample: int = 4) -> NDArray[np.float64]:
     """Area-averaged phantom (mu, 1/mm) on a grid whose pixel ix sits at ``x = ix - grid_center_px``."""
-    m = n * supersample
-    g = ((np.arange(m) + 0.5) / supersample - 0.5 - grid_center_px) * PIXEL_UM
-    out = np.zeros((n, n))
-    for row0 in range(0, m, 512):  # bands of rows bound the temporaries
-        y = g[row0 : row0 + 512][:, None]
-        x = g[None, :]
-        band = np.zeros((y.shape[0], m))
-        for mu, x0, y0, a, b, phi in phantom_um(n):
-            c, s = np.cos(np.radians(phi)), np.sin(np.radians(phi))
-            xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
-            band += mu * ((xr / a) ** 2 + (yr / b) ** 2 <= 1)
-        rows = band.shape[0] // supersample
-        block = band.reshape(rows, supersample, n, supersample).mean(axis=(1, 3))
-        out[row0 // supersample : row0 // supersample + rows] = block
-    return out
+    return rasterise(phantom_um(n), n, pixel_um=PIXEL_UM, grid_center_px=grid_center_px, supersample=supersample)
 
 
 def masks(truth: NDArray[np.float64], grid_center_px: float) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:

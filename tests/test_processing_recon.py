@@ -31,54 +31,15 @@ from corrflow.processing import (
     rmse,
 )
 from corrflow.processing.gpu import gpu_available, gpu_unavailable_reason
+from corrflow.simulators import ellipses
+from corrflow.simulators.ellipses import SHEPP_LOGAN_HIGH_CONTRAST, detector_sinogram, scale_ellipses
 
-# (mu_per_mm, x0, y0, a, b, phi_deg), lengths as fractions of the phantom radius. A high-contrast
-# Shepp-Logan variant: the small inner ellipses differ by 0.2-0.4 1/mm from their surroundings.
-ELLIPSES = (
-    (2.0, 0.0, 0.0, 0.69, 0.92, 0.0),
-    (-1.6, 0.0, -0.0184, 0.6624, 0.874, 0.0),
-    (-0.4, 0.22, 0.0, 0.11, 0.31, -18.0),
-    (-0.4, -0.22, 0.0, 0.16, 0.41, 18.0),
-    (0.4, 0.0, 0.35, 0.21, 0.25, 0.0),
-    (0.4, 0.0, 0.1, 0.046, 0.046, 0.0),
-    (0.4, 0.0, -0.1, 0.046, 0.046, 0.0),
-    (0.4, -0.08, -0.605, 0.046, 0.023, 0.0),
-    (0.4, 0.06, -0.605, 0.023, 0.046, 0.0),
-    (0.6, 0.35, 0.45, 0.08, 0.05, 30.0),  # off-axis and rotated: pins x/y orientation and handedness
-)
+ELLIPSES = SHEPP_LOGAN_HIGH_CONTRAST
 
 
-def scaled(ellipses, radius_um, shift_um=(0.0, 0.0)):
-    return [(mu, x * radius_um + shift_um[0], y * radius_um + shift_um[1], a * radius_um, b * radius_um, phi)
-            for mu, x, y, a, b, phi in ellipses]
-
-
-def analytic_sinogram(ellipses_um, angles_deg, u_um):
-    """Line integrals (dimensionless), shape (n_angles, n_u), mu in 1/mm and lengths in µm."""
-    theta = np.radians(np.asarray(angles_deg, dtype=np.float64))[:, None]
-    u = np.asarray(u_um, dtype=np.float64)[None, :]
-    nx, ny = np.cos(theta), -np.sin(theta)
-    out = np.zeros((theta.shape[0], u.shape[1]))
-    for mu, x0, y0, a, b, phi in ellipses_um:
-        relative = -theta - np.radians(phi)
-        s_max2 = (a * np.cos(relative)) ** 2 + (b * np.sin(relative)) ** 2
-        s = u - (x0 * nx + y0 * ny)
-        chord_um = 2 * a * b * np.sqrt(np.clip(s_max2 - s**2, 0, None)) / s_max2
-        out += mu * chord_um / 1000.0
-    return out
-
-
-def rasterised(ellipses_um, n, voxel_um, supersample=4):
+def rasterised(ellipses_um, n, voxel_um):
     """Area-averaged phantom on the contract's grid slice[iy, ix], mu in 1/mm."""
-    m = n * supersample
-    g = ((np.arange(m) + 0.5) / supersample - 0.5 - (n - 1) / 2) * voxel_um
-    x, y = np.meshgrid(g, g)
-    f = np.zeros_like(x)
-    for mu, x0, y0, a, b, phi in ellipses_um:
-        c, s = np.cos(np.radians(phi)), np.sin(np.radians(phi))
-        xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
-        f += mu * ((xr / a) ** 2 + (yr / b) ** 2 <= 1)
-    return f.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+    return ellipses.rasterise(ellipses_um, n, pixel_um=voxel_um)
 
 
 def interior_mask(truth, margin_px, fov_radius_px):
@@ -93,20 +54,14 @@ def interior_mask(truth, margin_px, fov_radius_px):
 N_COLS = 160
 PIXEL_UM = 5.0
 RADIUS_UM = 0.42 * N_COLS * PIXEL_UM
-PHANTOM = scaled(ELLIPSES, RADIUS_UM, shift_um=(12.0, -7.0))
+PHANTOM = scale_ellipses(ELLIPSES, RADIUS_UM, shift_um=(12.0, -7.0))
 TRUTH = rasterised(PHANTOM, N_COLS, PIXEL_UM)
 ANGLES_180 = np.arange(300) * 180.0 / 300
 
 
 def sinogram_for(center_px, angles_deg=ANGLES_180, n_cols=N_COLS, pixel_um=PIXEL_UM, ellipses=PHANTOM, aperture=5):
-    """Analytic sinogram averaged over each detector pixel's width (``aperture`` sub-samples).
-
-    A real detector pixel integrates over its width; point samples of a sharp-edged object alias
-    (the chord length has an infinite-slope edge), which alone doubles the interior error.
-    """
-    offsets = (np.arange(aperture) + 0.5) / aperture - 0.5
-    u_um = ((np.arange(n_cols) - center_px)[:, None] + offsets[None, :]).ravel() * pixel_um
-    return analytic_sinogram(ellipses, angles_deg, u_um).reshape(len(angles_deg), n_cols, aperture).mean(axis=-1)
+    """Analytic sinogram averaged over each detector pixel's width (``aperture`` sub-samples)."""
+    return detector_sinogram(ellipses, angles_deg, n_cols=n_cols, center_px=center_px, pixel_um=pixel_um, aperture=aperture)
 
 
 # ---------------------------------------------------------------- FBP

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from corrflow.processing import fbp, nrmse
+from corrflow.simulators import ellipses
+from corrflow.simulators.ellipses import SHEPP_LOGAN_HIGH_CONTRAST, scale_ellipses
 from corrflow.processing.sinogram360 import (
     covers_full_turn,
     find_axis_360,
@@ -24,16 +26,8 @@ from corrflow.processing.sinogram360 import (
     sinogram_360_to_180,
 )
 
-# (mu_per_mm, x0, y0, a, b, phi_deg), lengths as fractions of the phantom radius.
-ELLIPSES = (
-    (2.0, 0.0, 0.0, 0.69, 0.92, 0.0),
-    (-1.6, 0.0, -0.0184, 0.6624, 0.874, 0.0),
-    (-0.4, 0.22, 0.0, 0.11, 0.31, -18.0),
-    (-0.4, -0.22, 0.0, 0.16, 0.41, 18.0),
-    (0.4, 0.0, 0.35, 0.21, 0.25, 0.0),
-    (0.4, 0.0, 0.1, 0.046, 0.046, 0.0),
-    (0.6, 0.35, 0.45, 0.08, 0.05, 30.0),  # off-axis and rotated: pins orientation and handedness
-)
+# The analytic phantom without its three smallest ellipses (too fine for a 96-column detector).
+ELLIPSES = tuple(SHEPP_LOGAN_HIGH_CONTRAST[k] for k in (0, 1, 2, 3, 4, 5, 9))
 N_COLS = 96
 PIXEL_UM = 5.0
 ANGLES_360 = np.arange(600) * 360.0 / 600  # 300 per half turn: >= pi/2 * 178 columns of the widened field
@@ -41,39 +35,15 @@ FILTER = "shepp-logan"
 
 
 def scaled(radius_um):
-    return [(mu, x * radius_um, y * radius_um, a * radius_um, b * radius_um, phi) for mu, x, y, a, b, phi in ELLIPSES]
+    return scale_ellipses(ELLIPSES, radius_um)
 
 
-def analytic_sinogram(ellipses_um, angles_deg, u_um):
-    theta = np.radians(np.asarray(angles_deg, dtype=np.float64))[:, None]
-    u = np.asarray(u_um, dtype=np.float64)[None, :]
-    nx, ny = np.cos(theta), -np.sin(theta)
-    out = np.zeros((theta.shape[0], u.shape[1]))
-    for mu, x0, y0, a, b, phi in ellipses_um:
-        relative = -theta - np.radians(phi)
-        s_max2 = (a * np.cos(relative)) ** 2 + (b * np.sin(relative)) ** 2
-        s = u - (x0 * nx + y0 * ny)
-        out += mu * 2 * a * b * np.sqrt(np.clip(s_max2 - s**2, 0, None)) / s_max2 / 1000.0
-    return out
+def detector_sinogram(ellipses_um, angles_deg, *, n_cols, center_px):
+    return ellipses.detector_sinogram(ellipses_um, angles_deg, n_cols=n_cols, center_px=center_px, pixel_um=PIXEL_UM)
 
 
-def detector_sinogram(ellipses_um, angles_deg, *, n_cols, center_px, aperture=5):
-    """Analytic line integrals averaged over each pixel's width (point samples of sharp edges alias)."""
-    offsets = (np.arange(aperture) + 0.5) / aperture - 0.5
-    u_um = ((np.arange(n_cols) - center_px)[:, None] + offsets[None, :]).ravel() * PIXEL_UM
-    return analytic_sinogram(ellipses_um, angles_deg, u_um).reshape(len(angles_deg), n_cols, aperture).mean(axis=-1)
-
-
-def rasterised(ellipses_um, n, supersample=4):
-    m = n * supersample
-    g = ((np.arange(m) + 0.5) / supersample - 0.5 - (n - 1) / 2) * PIXEL_UM
-    x, y = np.meshgrid(g, g)
-    f = np.zeros_like(x)
-    for mu, x0, y0, a, b, phi in ellipses_um:
-        c, s = np.cos(np.radians(phi)), np.sin(np.radians(phi))
-        xr, yr = (x - x0) * c + (y - y0) * s, -(x - x0) * s + (y - y0) * c
-        f += mu * ((xr / a) ** 2 + (yr / b) ** 2 <= 1)
-    return f.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+def rasterised(ellipses_um, n):
+    return ellipses.rasterise(ellipses_um, n, pixel_um=PIXEL_UM)
 
 
 def disc(n, radius_px):
