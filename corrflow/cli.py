@@ -30,10 +30,11 @@ console = Console(stderr=True)
 
 
 def _register_sub_apps() -> None:
-    from corrflow import cli_deploy, cli_queue, cli_server
+    from corrflow import cli_catalog, cli_deploy, cli_queue, cli_server
     from corrflow.cli_sim import sim_app
 
     app.add_typer(sim_app, name="sim")
+    app.add_typer(cli_catalog.app, name="catalog")
     app.add_typer(cli_deploy.app, name="deploy")
     app.add_typer(cli_server.app, name="server")
     app.add_typer(cli_queue.app, name="queue")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from bluesky import RunEngine
 
 from corrflow import progress
+from corrflow.catalog_filters import ResumedRunFilter
 
 
 class EventCounter:
@@ -29,15 +33,48 @@ class EventCounter:
             progress.report(self.stage, self.count, self.total)
 
 
-def make_run_engine(*callbacks: Callable[[str, dict[str, Any]], None]) -> RunEngine:
-    """A RunEngine with ``callbacks`` subscribed.
+def producer_metadata() -> dict[str, Any]:
+    """Who writes the run: host, process id and, inside a Prefect flow run, its id and name.
 
+    Recorded in every start document (``producer``) so that a run left without a stop document
+    can be traced to the process that died (:mod:`corrflow.reconcile`).
+    """
+    producer: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    if "prefect" in sys.modules:  # only inside Prefect: importing it costs seconds (the dry-run CLI)
+        from prefect.runtime import flow_run
+
+        if flow_run.id is not None:
+            producer["flow_run_id"] = str(flow_run.id)
+            producer["flow_run_name"] = str(flow_run.name)
+    return producer
+
+
+def make_run_engine(
+    *callbacks: Callable[[str, dict[str, Any]], None],
+    catalog_writer: Callable[[str, dict[str, Any]], Any] | None = None,
+) -> RunEngine:
+    """A RunEngine with ``callbacks`` subscribed, and the catalog's writer behind a resume filter.
+
+    Parameters
+    ----------
+    callbacks
+        Document callbacks that see every document as emitted (progress, live displays).
+    catalog_writer
+        The catalog's ``TiledWriter``: subscribed through
+        :class:`~corrflow.catalog_filters.ResumedRunFilter`, so a paused or suspended run that
+        resumes is catalogued with one event per ``seq_num`` and images that match them.
+
+    Notes
+    -----
     No SIGINT handler is installed (``context_managers=[]``): flows run it from Prefect's worker
     threads, where signal handlers cannot be set; Prefect's own cancellation stops the run.
+    Every start document records its :func:`producer_metadata`.
     """
     from corrflow.cancellation import register_engine
 
-    engine = RunEngine({}, context_managers=[])
+    engine = RunEngine({"producer": producer_metadata()}, context_managers=[])
+    if catalog_writer is not None:
+        engine.subscribe(ResumedRunFilter(catalog_writer, engine=engine))
     for callback in callbacks:
         engine.subscribe(callback)
     register_engine(engine)  # a cancelled flow run aborts it: motors stopped, stop document 'abort'

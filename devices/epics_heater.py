@@ -70,6 +70,10 @@ class EpicsHeater(SettlingStatusMixin, Device):
         self.readback.name = self.name
         self._init_settling()
 
+    def now_s(self) -> float:
+        """The time base of ``settle_s``: wall-clock seconds (``time.monotonic``)."""
+        return time.monotonic()
+
     @property
     def limits(self) -> tuple[float, float]:
         """Allowed setpoints (K): the control limits of ``Setpoint``."""

@@ -285,7 +285,9 @@ class StreamingDetector(Device):
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, StreamResource | StreamDatum]]:
         """Yield the stream resource(s) of the open file once, then a datum for new frames.
 
-        In a fly scan (``prepare`` with frames, then ``stage``) the per-frame attributes are announced too,
+        A step scan announces the frame of the latest trigger only (one frame per event, as
+        :class:`~corrflow.devices.epics_detector.EpicsAreaDetector`); a frame left behind by a
+        suspension is never announced. In a fly scan (``prepare`` with frames, then ``stage``) the per-frame attributes are announced too,
         each as a data key ``{name}_{suffix}`` of :attr:`fly_attribute_keys`.
 
         Parameters
@@ -302,6 +304,10 @@ class StreamingDetector(Device):
                 writer.flush()  # a reader told about a frame must be able to read it
             announce_resource = not self._resource_announced
             start = self._frames_announced
+            if self._fly_frames is None:
+                # A step scan's event holds the frame of its own trigger: the latest one. A frame
+                # taken before a suspension and re-taken after it stays in the file, unannounced.
+                start = max(start, written - 1)
             datum_number = self._datum_count
             if announce_resource:
                 self._resource_announced = True

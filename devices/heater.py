@@ -5,6 +5,11 @@ when the *measured* temperature has stayed within ``tolerance_K`` of the setpoin
 simulated seconds (an in-situ scan must not start while the sample is still drifting). A
 background thread polls the world's thermocouple on the simulated clock; the status has a
 timeout derived from the ramp rate and thermal time constant.
+
+The measured signals (``readback``, ``power_W``) are *monitored* as their EPICS counterparts are:
+while anything subscribes to their value (a suspender, a live plot), a thread reads the world once
+per simulated second (at most every ``5 ms`` of wall time) and posts each reading to the
+subscribers, so a temperature that leaves its band between two reads of the plan is still seen.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ _POLLS_PER_SIMULATED_S = 1.0
 _MIN_POLL_WALL_S = 0.001
 # Settling takes a few thermal time constants after the ramp; the timeout allows this many.
 _SETTLE_TIME_CONSTANTS = 10.0
+# Monitor updates of the measured signals per simulated second, and the shortest wall-clock interval
+# between two (the IOC posts at a fixed wall rate; in simulated time a disturbance relaxes within
+# a few time constants, i.e. tens of milliseconds of wall time at the default time_scale).
+_MONITOR_PER_SIMULATED_S = 1.0
+_MIN_MONITOR_WALL_S = 0.005
 
 
 def _non_negative_finite(value: Any) -> None:
@@ -42,17 +52,53 @@ def _non_negative_finite(value: Any) -> None:
 
 
 class _Measured(SignalRO):
-    """A read-only signal whose value is computed by its parent device at each ``get()``."""
+    """A read-only signal whose value is computed by its parent device at each ``get()``.
+
+    Monitored like a Channel Access readback: while it has value subscribers, a daemon thread
+    measures on the parent's simulated clock and runs their callbacks with each new value.
+    """
 
     def __init__(self, *args: Any, measure: str, units: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._measure_name = measure
         self._units = units
+        self._monitor_lock = threading.Lock()
+        self._monitor: threading.Thread | None = None
 
     def get(self, **kwargs: Any) -> float:
         self._readback = getattr(self.parent, self._measure_name)()
         self._metadata["timestamp"] = time.time()
         return self._readback
+
+    def subscribe(self, callback: Any, event_type: str | None = None, run: bool = True) -> int:
+        cid = super().subscribe(callback, event_type=event_type, run=run)
+        if (event_type or self._default_sub) == self.SUB_VALUE:
+            self._start_monitor()
+        return cid
+
+    def _has_value_subscribers(self) -> bool:
+        return bool(self._callbacks[self.SUB_VALUE])
+
+    def _start_monitor(self) -> None:
+        with self._monitor_lock:
+            if self._monitor is not None and self._monitor.is_alive():
+                return
+            self._monitor = threading.Thread(target=self._post_readings, name=f"{self.name}-monitor", daemon=True)
+            self._monitor.start()
+
+    def _post_readings(self) -> None:
+        # Ends by itself once the last value subscriber is gone (unsubscribe / clear_sub).
+        clock: SimClock = self.parent._clock
+        period_wall_s = max(_MIN_MONITOR_WALL_S, clock.wall_s(1.0 / _MONITOR_PER_SIMULATED_S))
+        while True:
+            time.sleep(period_wall_s)
+            with self._monitor_lock:
+                if not self._has_value_subscribers():
+                    self._monitor = None
+                    return
+            old = self._readback
+            value = self.get()
+            self._run_subs(sub_type=self.SUB_VALUE, old_value=old, value=value, timestamp=self._metadata["timestamp"])
 
     def describe(self) -> dict[str, dict[str, Any]]:
         description = super().describe()
@@ -114,6 +160,10 @@ class Heater(SettlingStatusMixin, Device):
         tau, rate = model.time_constant_s, model.max_ramp_K_per_s
         dT_dt = min(max((model.setpoint_K - temperature_K) / tau, -rate), rate)
         return self.heat_capacity_J_per_K.get() * (dT_dt + (temperature_K - model.ambient_K) / tau)
+
+    def now_s(self) -> float:
+        """The time base of ``settle_s``: simulated seconds (the world's clock)."""
+        return self._clock.now_s()
 
     @property
     def limits(self) -> tuple[float, float]:

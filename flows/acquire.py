@@ -16,6 +16,7 @@ from prefect import flow
 
 from corrflow.cancellation import run_abortable
 from corrflow.catalog import external_file_paths, open_catalog, tiled_writer
+from corrflow.catalog_filters import with_view_sources
 from corrflow.devices.beamline import Beamline, build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
@@ -24,6 +25,7 @@ from corrflow.nexus import write_nxtomo
 from corrflow.plans.metadata import SampleInfo
 from corrflow.plans.microscopy import micrograph
 from corrflow.plans.tomography import tomo_scan
+from corrflow.reconcile import reconcile_runs
 from corrflow.runengine import EventCounter, make_run_engine
 from corrflow.settings import Settings
 from corrflow.simulators.world import SimulatedWorld
@@ -54,6 +56,18 @@ def _check_success(run: Any) -> None:
             f"run {run.metadata['start']['uid']} ended with exit_status={stop.get('exit_status')!r}: "
             f"{stop.get('reason', 'no stop document')}"
         )
+
+
+def close_lost_runs(catalog: Any, instrument: str) -> list[str]:
+    """Close this instrument's runs left without a stop document by a dead process; returns their uids.
+
+    Runs before each acquisition (see :mod:`corrflow.reconcile`): a run whose worker died is
+    marked ``exit_status="fail"`` with the reason, so nobody mistakes it for one still going.
+    """
+    closed = [entry for entry in reconcile_runs(catalog, instrument=instrument) if entry.action == "closed"]
+    for entry in closed:
+        print(f"closed run {entry.uid} of {instrument} (no stop document): {entry.reason}")
+    return [entry.uid for entry in closed]
 
 
 def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
@@ -103,14 +117,18 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomographyPar
     # The form's fields are the plan's keyword arguments, one for one (tests/test_acquire_flow.py).
     plan = tomo_scan(beamline, **parameters.model_dump(), sample=_sample_info(sample))
     with open_catalog(settings) as catalog:
+        close_lost_runs(catalog, beamline.name)
         engine = make_run_engine(
-            tiled_writer(catalog.runs, settings), EventCounter("tomography (projections)", parameters.num_projections)
+            EventCounter("tomography (projections)", parameters.num_projections),
+            catalog_writer=tiled_writer(catalog.runs, settings),
         )
         (uid,) = engine(plan)
         run = catalog.runs[uid]
         _check_success(run)
         nexus = export_nxtomo(run, beamline, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
-        files = (*external_file_paths(run), nexus)
+        # A resumed run's re-taken frames are catalogued through a view of the detector file:
+        # both files travel.
+        files = (*with_view_sources(external_file_paths(run)), nexus)
     return AcquisitionResult(run_uid=uid, instrument=beamline.name, files=files, nexus_path=nexus)
 
 
@@ -123,11 +141,12 @@ def run_micrograph(settings: Settings, sample: Sample, parameters: MicrographPar
         microscope, stage_x_um=parameters.stage_x_um, stage_y_um=parameters.stage_y_um, sample=_sample_info(sample)
     )
     with open_catalog(settings) as catalog:
-        engine = make_run_engine(tiled_writer(catalog.runs, settings), EventCounter("micrograph", 1))
+        close_lost_runs(catalog, microscope.name)
+        engine = make_run_engine(EventCounter("micrograph", 1), catalog_writer=tiled_writer(catalog.runs, settings))
         (uid,) = engine(plan)
         run = catalog.runs[uid]
         _check_success(run)
-        files = tuple(external_file_paths(run))
+        files = tuple(with_view_sources(external_file_paths(run)))
     return AcquisitionResult(run_uid=uid, instrument=microscope.name, files=files)
 
 

@@ -6,17 +6,19 @@
                           | run_deployment, idempotency key "<run uid>:transfer-reconstruct"
     compute pool     transfer-reconstruct/compute     verified transfer -> reconstruction
                           | run_deployment, idempotency key "<run uid>:micrograph-register"
-    microscope pool  micrograph-register/microscope   micrograph (holding its slot) -> registration
+    microscope pool  micrograph-register/microscope   verified copy of the volume to the microscope's
+                                                      storage -> micrograph (holding its slot) ->
+                                                      registration against that copy
 
 A stage is triggered with an idempotency key derived from the tomography run uid and the stage,
 so a retried or doubled trigger (a flow retry, two operators, a network timeout after the server
 created the run) creates exactly one flow run of the next stage. Triggers do not wait: the
 beamline is free for the next sample while the compute facility reconstructs.
 
-The stage functions are those of ``corrflow.flows``: transfer, reconstruct and register run as
-sub-flows; the acquisitions call ``run_tomography`` / ``run_micrograph`` (what the acquire flows
-wrap) through :func:`corrflow.cancellation.run_abortable`, so that cancelling the run aborts the
-RunEngine cleanly (see there). Nothing is re-implemented.
+The stage functions are those of ``corrflow.flows``: transfer, reconstruct, ship-volume and
+register run as sub-flows; the acquisitions call ``run_tomography`` / ``run_micrograph`` (what the
+acquire flows wrap) through :func:`corrflow.cancellation.run_abortable`, so that cancelling the
+run aborts the RunEngine cleanly (see there). Nothing is re-implemented.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from corrflow.flows.acquire import run_micrograph, run_tomography
 from corrflow.flows.models import MicrographParameters, ReconstructionParameters, Sample, TomographyParameters
 from corrflow.flows.reconstruct import reconstruct
 from corrflow.flows.register import register
-from corrflow.flows.transfer import transfer
+from corrflow.flows.transfer import ship_volume, transfer
 from corrflow.queue import instrument_slot
 from corrflow.settings import Site, load_settings
 
@@ -175,13 +177,23 @@ def micrograph_register(
     volume_path: str,
     micrograph: MicrographParameters = MicrographParameters(),
 ) -> dict[str, Any]:
-    """Image the sectioned sample (holding the microscope) and register it into the X-ray volume."""
+    """Copy the volume to the microscope site (sha256-verified), image the sectioned sample (holding
+    the microscope) and register the micrograph into the local copy of the X-ray volume.
+
+    ``volume_path`` is where the compute facility wrote the volume; everything after the copy
+    reads ``<microscope_storage>/<run uid>/`` only.
+    """
     settings = flow_settings()
+    # Before taking the microscope: a failed copy must not cost instrument time.
+    shipped = ship_volume(sample, tomography_run_uid, Path(volume_path))
     with instrument_slot(settings, settings.microscope.name):
         imaged = run_abortable(lambda: run_micrograph(settings, sample, micrograph), reason="micrograph cancelled")
-    registered = register(sample, Path(volume_path), imaged.run_uid, micrograph)
+    print(f"registering micrograph {imaged.run_uid} into {shipped.volume_path} (sha256 {shipped.sha256})")
+    registered = register(sample, shipped.volume_path, imaged.run_uid, micrograph)
     return {
         "tomography_run_uid": tomography_run_uid,
         "micrograph_run_uid": imaged.run_uid,
+        "volume_path": str(shipped.volume_path),
+        "volume_sha256": shipped.sha256,
         "registration": registered.model_dump(mode="json"),
     }

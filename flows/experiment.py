@@ -1,5 +1,5 @@
-"""The correlative experiment: tomography -> transfer -> reconstruction -> micrograph -> registration
--> ROI hand-off.
+"""The correlative experiment: tomography -> transfer -> reconstruction -> volume to the microscope
+site -> micrograph -> registration -> ROI hand-off.
 
 On one machine the stages run as sub-flows of this flow in one process (embedded defaults). In
 production each stage is a deployment on its facility's work pool (issue #6); the stage functions
@@ -35,7 +35,7 @@ from corrflow.flows.models import (
 )
 from corrflow.flows.reconstruct import reconstruct
 from corrflow.flows.register import load_micrograph, register
-from corrflow.flows.transfer import transfer
+from corrflow.flows.transfer import ShippedVolume, ship_volume, transfer
 from corrflow.processing.section_height import micrograph_on_slice_grid
 from corrflow.report import write_report
 from corrflow.settings import Settings
@@ -93,6 +93,7 @@ def summarize(
     tomography: AcquisitionResult,
     moved: TransferResult,
     reconstruction: ReconstructionResult,
+    shipped: ShippedVolume,
     micrograph: AcquisitionResult,
     registration: RegistrationSummary,
     handoff: HandoffResult,
@@ -132,6 +133,8 @@ def summarize(
         "transfer": {"destination": str(moved.destination_root), "manifest": str(moved.manifest_path),
                      "total_bytes": moved.total_bytes, "seconds": moved.seconds},
         "volume_path": str(reconstruction.volume_path),
+        "microscope_volume": {"path": str(shipped.volume_path), "sha256": shipped.sha256,
+                              "manifest": str(shipped.manifest_path), "seconds": shipped.seconds},
         "reconstruction": {"center_px": reconstruction.center_px, "voxel_size_um": voxel,
                            "shape_zyx": list(reconstruction.shape_zyx), "seconds": reconstruction.seconds},
         "registration": registration.model_dump(),
@@ -205,7 +208,7 @@ def correlative_experiment(
 ) -> dict[str, Any]:
     """The whole chain for one sample; returns the summary (also written as JSON beside the PNG report)."""
     settings = flow_settings()
-    stages = 7
+    stages = 8
     progress.report("experiment (stages)", 0, stages)
     acquired = acquire_tomography(sample, tomography)
     progress.report("experiment (stages)", 1, stages)
@@ -214,13 +217,16 @@ def correlative_experiment(
     nexus_at_compute = moved.destination_root / acquired.nexus_path.relative_to(settings.beamline_storage)
     volume = reconstruct(sample, nexus_at_compute, acquired.run_uid, reconstruction)
     progress.report("experiment (stages)", 3, stages)
-    imaged = acquire_micrograph(sample, micrograph)
+    # The microscope's stages read their own verified copy, as they do across facilities.
+    shipped = ship_volume(sample, acquired.run_uid, volume.volume_path)
     progress.report("experiment (stages)", 4, stages)
-    registered = register(sample, volume.volume_path, imaged.run_uid, micrograph)
+    imaged = acquire_micrograph(sample, micrograph)
     progress.report("experiment (stages)", 5, stages)
-    handed_off = roi_handoff(sample, volume.volume_path, registered, roi)
+    registered = register(sample, shipped.volume_path, imaged.run_uid, micrograph)
     progress.report("experiment (stages)", 6, stages)
-    summary = summarize(settings, sample, acquired, moved, volume, imaged, registered, handed_off)
+    handed_off = roi_handoff(sample, shipped.volume_path, registered, roi)
     progress.report("experiment (stages)", 7, stages)
+    summary = summarize(settings, sample, acquired, moved, volume, shipped, imaged, registered, handed_off)
+    progress.report("experiment (stages)", 8, stages)
     print(f"summary: {summary['summary_path']}")
     return summary

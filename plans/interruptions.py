@@ -4,8 +4,9 @@ and the document bookkeeping a resumed run needs.
 - :func:`beam_current_suspender`: bluesky's ``SuspendFloor`` on the ring current (suspend below a
   threshold, resume above a higher one after a wait), or ``SuspendBoolLow`` on a beam-permit signal.
 - :class:`SuspendTemperatureExcursion`: suspends while the furnace's measured temperature is more
-  than ``tolerance_K`` away from its *current* setpoint (install it around acquisition at a
-  setpoint, not while the furnace ramps on purpose).
+  than ``tolerance_K`` away from its *current* setpoint, and resumes once it has been back for
+  the heater's settle time (install it around acquisition at a setpoint, not while the furnace
+  ramps on purpose). Works on the simulated and the EPICS heater alike.
 - :class:`ConnectionWatcher`: bluesky suspenders watch values only; a dead IOC changes no value.
   The watcher follows the connection state of every EPICS signal of the given devices: on a
   disconnect it suspends the run (the RunEngine stops every motor it moved) and, if the PVs are not
@@ -95,40 +96,77 @@ def beam_permit_suspender(permit: Signal, *, sleep_s: float = 5.0) -> SuspendBoo
 class SuspendTemperatureExcursion(SuspenderBase):
     """Suspend while the measured temperature is off its setpoint by more than ``tolerance_K``.
 
+    Resumes once the temperature has stayed within ``resume_fraction * tolerance_K`` of the
+    setpoint for ``settle_s`` (the heater's settle criterion), then after ``sleep_s``.
+
     Parameters
     ----------
     heater
-        A furnace with ``readback`` (measured, K, monitored) and ``setpoint`` (K) signals.
+        A furnace with ``readback`` (measured, K, monitored), ``setpoint`` (K), ``tolerance_K``
+        and ``settle_s`` signals and ``now_s()`` (the time base of ``settle_s``): the simulated
+        :class:`~corrflow.devices.heater.Heater` (simulated seconds) or the
+        :class:`~corrflow.devices.epics_heater.EpicsHeater` (wall-clock seconds).
     tolerance_K
         Allowed |measured - setpoint| (K, > 0); default the heater's ``tolerance_K``.
     resume_fraction
         Resume once back within ``resume_fraction * tolerance_K`` (0 < f <= 1; hysteresis so
         noise at the edge does not toggle the run).
+    settle_s
+        How long the temperature must stay back in that band before the run resumes (s, >= 0,
+        in the heater's time base); default the heater's ``settle_s``. A reading outside the
+        band starts the count again.
     sleep_s
-        Wait after the temperature is back before resuming (s).
+        Wall-clock wait after that, before resuming (s).
+
+    Notes
+    -----
+    The suspender sees the temperature through the readback's monitor callbacks: EPICS
+    monitors, or the simulated heater's own monitor thread. Readings come at the monitor's rate,
+    so the settle time is measured between readings (to within one update interval).
     """
 
     def __init__(
-        self, heater: Device, *, tolerance_K: float | None = None, resume_fraction: float = 0.8, sleep_s: float = 0.0
+        self,
+        heater: Device,
+        *,
+        tolerance_K: float | None = None,
+        resume_fraction: float = 0.8,
+        settle_s: float | None = None,
+        sleep_s: float = 0.0,
     ) -> None:
         tolerance = float(heater.tolerance_K.get()) if tolerance_K is None else float(tolerance_K)
         if not (math.isfinite(tolerance) and tolerance > 0):
             raise ValueError(f"tolerance_K must be > 0, got {tolerance}")
         if not 0 < resume_fraction <= 1:
             raise ValueError(f"resume_fraction must be in (0, 1], got {resume_fraction}")
+        settle = float(heater.settle_s.get()) if settle_s is None else float(settle_s)
+        if not (math.isfinite(settle) and settle >= 0):
+            raise ValueError(f"settle_s must be >= 0, got {settle}")
         super().__init__(heater.readback, sleep=sleep_s, tripped_message=f"temperature off setpoint by > {tolerance} K")
         self._heater = heater
         self._tolerance_K = tolerance
         self._resume_K = resume_fraction * tolerance
+        self._settle_s = settle
+        self._back_since_s: float | None = None  # heater time the current stretch in the band began
 
     def _deviation_K(self, value: Any) -> float:
         return abs(float(value) - float(self._heater.setpoint.get()))
 
     def _should_suspend(self, value: Any) -> bool:
-        return value is not None and self._deviation_K(value) > self._tolerance_K
+        if value is not None and self._deviation_K(value) > self._tolerance_K:
+            self._back_since_s = None  # the settle time counts from the last excursion
+            return True
+        return False
 
     def _should_resume(self, value: Any) -> bool:
-        return value is not None and self._deviation_K(value) <= self._resume_K
+        # Called (under the suspender's lock) for every reading not out of tolerance.
+        if value is None or self._deviation_K(value) > self._resume_K:
+            self._back_since_s = None
+            return False
+        now_s = float(self._heater.now_s())
+        if self._back_since_s is None:
+            self._back_since_s = now_s
+        return now_s - self._back_since_s >= self._settle_s
 
     def _get_justification(self) -> str:
         if not self.tripped:

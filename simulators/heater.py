@@ -95,6 +95,13 @@ class HeaterModel:
         # Inside the band the lag is exponential and its rate |error|/tau never exceeds the limit.
         self.temperature_K = self.setpoint_K - error * math.exp(-dt_s / tau)
 
+    def disturb(self, delta_K: float) -> None:
+        """Add ``delta_K`` to the true temperature at once (a disturbance: a door opened, a gas burst)."""
+        delta_K = float(delta_K)
+        if not math.isfinite(delta_K):
+            raise ValueError(f"delta_K must be finite, got {delta_K}")
+        self.temperature_K = float(self.temperature_K) + delta_K
+
     def measure(self, rng: np.random.Generator) -> float:
         """Sensor reading: true temperature plus Gaussian noise of ``noise_K`` (K)."""
         return float(self.temperature_K + rng.normal(0.0, self.noise_K))

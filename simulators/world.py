@@ -132,6 +132,12 @@ class SimulatedWorld:
             self.advance_to_now()
             self.heater.set_setpoint(setpoint_K)
 
+    def disturb_heater(self, delta_K: float) -> None:
+        """Integrate up to now, then add ``delta_K`` to the true sample temperature (a disturbance, K)."""
+        with self._lock:
+            self.advance_to_now()
+            self.heater.disturb(delta_K)
+
     def sample_temperature_K(self) -> float:
         """True sample temperature now (K)."""
         with self._lock:

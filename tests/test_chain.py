@@ -2,8 +2,9 @@
 
 * ten parallel triggers of one stage for one run create exactly one flow run (idempotency keys);
 * the whole chain: tomography on the beamline pool -> transfer + reconstruction on the compute
-  pool -> micrograph + registration on the microscope pool, with three process workers (one per
-  site) and a Tiled server on PostgreSQL (slow: real processes, ~2 min on 2 cores).
+  pool -> volume copied to the microscope site, micrograph + registration against that copy on the
+  microscope pool, with three process workers (one per site) and a Tiled server on PostgreSQL
+  (slow: real processes, ~2 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -114,6 +115,15 @@ def _wait_for_completed(deployment_name: str, workers, *, timeout_s: float):
     pytest.fail(f"{deployment_name}: no completed run within {timeout_s:.0f} s\n{logs}")
 
 
+async def _logs_of(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
 async def _runs_named(name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -167,7 +177,19 @@ def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postg
     manifest = json.loads((destination / "manifest.json").read_text())
     for entry in manifest["files"]:
         assert sha256_file(destination / entry["relative_path"]) == entry["sha256"]
-    assert Path(micro_run.parameters["volume_path"]).is_file()
+    compute_volume = Path(micro_run.parameters["volume_path"])  # where the compute facility wrote it
+    assert compute_volume.is_relative_to(settings.compute_storage)
+    # The microscope stage copied it to its own storage and registered against that copy (its log
+    # names the file it read); the copy's sha256 is the compute one's.
+    deadline = time.monotonic() + 30  # the worker's log handler ships its last batch after the run ends
+    while not (lines := [m for m in asyncio.run(_logs_of(micro_run.id)) if m.startswith("registering micrograph ")]):
+        assert time.monotonic() < deadline, "the microscope stage never logged which volume it registered against"
+        time.sleep(1.0)
+    (line,) = lines
+    read_path = Path(line.split(" into ", 1)[1].split(" (sha256 ", 1)[0])
+    read_sha = line.rsplit("(sha256 ", 1)[1].rstrip(")")
+    assert read_path.is_relative_to(settings.microscope_storage.resolve()), line
+    assert sha256_file(read_path) == sha256_file(compute_volume) == read_sha
     root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
     try:
         runs = root["runs"]
@@ -178,5 +200,10 @@ def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postg
         assert samples.count("chain-01") == 2, samples  # the tomography and the micrograph
         micrograph_uid = next(uid for uid in runs if uid != run_uid)
         assert runs[micrograph_uid].metadata["stop"]["exit_status"] == "success"
+        locations = root["processed"][f"{run_uid}-volume"].metadata["locations"]
+        assert locations["microscope"] == {
+            "path": str(read_path), "sha256": read_sha, "manifest": str(read_path.parent / "volume-manifest.json")
+        }
+        assert locations["compute"] == {"path": str(compute_volume.resolve()), "sha256": read_sha}
     finally:
         root.context.close()

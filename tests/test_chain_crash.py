@@ -1,6 +1,7 @@
 """Dashboard operation through real workers: cancelling an acquisition run aborts the RunEngine
 within 5 s; a worker killed mid-flow leaves a run that the zombie automation marks Crashed, nothing
-of it reaches the compute facility, and a re-run completes. Slow: real processes, minutes."""
+of it reaches the compute facility, and a re-run completes after closing the dead run's catalog
+entry as failed (corrflow.reconcile). Slow: real processes, minutes."""
 
 from __future__ import annotations
 
@@ -132,4 +133,14 @@ def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facili
     finally:
         worker.stop()
     assert done.is_completed(), done
-    assert sorted(r.get("stop", {}).get("exit_status") for r in _runs_of_sample(settings, "crash-01") if r.get("stop")) == ["success"]
+    # The re-run's acquisition first closed the dead run's entry: a stop document "fail" that names
+    # the crashed flow run, written before the new run started; never a success.
+    runs = {r["start"]["uid"]: r for r in _runs_of_sample(settings, "crash-01")}
+    lost = runs.pop(partial["start"]["uid"])
+    assert lost["start"]["producer"]["flow_run_id"] == str(run_id)
+    assert lost["stop"]["exit_status"] == "fail", lost["stop"]
+    assert lost["stop"]["reason"] == f"acquisition process lost (flow run {run_id} {crashed.name})"
+    (again,) = runs.values()
+    assert again["stop"]["exit_status"] == "success"
+    assert lost["stop"]["time"] < again["start"]["time"]
+    print(f"crashed run closed {lost['stop']['time'] - lost['start']['time']:.0f} s after it started, by the re-run's acquisition")

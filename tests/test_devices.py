@@ -228,7 +228,7 @@ def test_detector_writes_frames_and_stream_documents(beamline, tmp_path):
     assert resource["data_key"] == "xray_detector_image"
     assert resource["parameters"]["dataset"] == DATASET_PATH
     assert resource["parameters"]["chunk_shape"] == [1, rows, cols]
-    assert datum["indices"] == {"start": 0, "stop": 3}
+    assert datum["indices"] == {"start": 2, "stop": 3}  # a step scan's event holds its latest frame only
     assert datum["seq_nums"] == {"start": 0, "stop": 0}
     assert datum["descriptor"] == ""
     assert datum["stream_resource"] == resource["uid"]

@@ -161,3 +161,23 @@ def test_flow_run_names_say_sample_and_stage(experiment):
     for stage in ("acquire tomography", "transfer", "reconstruct", "acquire micrograph", "register", "ROI hand-off",
                   "correlative experiment"):
         assert f"spine-test-01 · {stage}" in found, (stage, found)
+
+
+def test_the_microscope_stages_read_a_verified_copy_on_the_microscope_storage(experiment):
+    """Registration and the hand-off read the volume from the microscope site's storage: a copy
+    whose sha256 is the compute one's, listed in the catalog beside the compute location."""
+    from corrflow.catalog import open_catalog
+    from corrflow.transfer import sha256_file
+    from corrflow.volume import read_provenance
+
+    settings = load_settings()
+    compute, shipped = Path(experiment["volume_path"]), experiment["microscope_volume"]
+    local = Path(shipped["path"])
+    assert local.is_relative_to(settings.microscope_storage.resolve()) and local != compute
+    assert sha256_file(local) == sha256_file(compute) == shipped["sha256"]
+    assert read_provenance(local) == read_provenance(compute)
+    uid = experiment["run_uids"]["tomography"]
+    with open_catalog(settings) as catalog:
+        locations = catalog.processed[f"{uid}-volume"].metadata["locations"]
+    assert locations["microscope"]["path"] == str(local) and locations["compute"]["path"] == str(compute.resolve())
+    assert locations["microscope"]["sha256"] == locations["compute"]["sha256"] == shipped["sha256"]

@@ -82,7 +82,7 @@ class TemperatureControllerIOC(PVGroup):
         self._rng = np.random.default_rng(np.random.SeedSequence([int(seed), 101]))
 
     def kick(self, delta_K: float) -> None:
-        self.model.temperature_K = float(self.model.temperature_K) + delta_K
+        self.model.disturb(delta_K)
 
     @setpoint.putter
     async def setpoint(self, instance: Any, value: float) -> float:
