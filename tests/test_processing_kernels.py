@@ -25,7 +25,8 @@ from corrflow.processing.resolution import (
 from corrflow.processing.rings import remove_stripes_sorting
 from corrflow.simulators.phantom import MATERIALS, Feature, Phantom
 from corrflow.simulators.xray import XrayDetectorModel, xray_transmission
-from test_processing_recon import ELLIPSES, interior_mask, rasterised, scaled, sinogram_for
+from corrflow.simulators.ellipses import scale_ellipses as scaled
+from test_processing_recon import ELLIPSES, interior_mask, rasterised, sinogram_for
 
 # ---------------------------------------------------------------- flats before and after
 
