@@ -14,6 +14,7 @@ same way from a server.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,31 @@ def register_product(
     return catalog.processed.register(
         Path(path).absolute(), key=key, mimetype="application/x-hdf5", parameters={"dataset": dataset}, metadata=metadata
     )
+
+
+def _copy_one_shot_cached_map(self):
+    """A copy with its own key -> client table (``copy.copy`` default shares it)."""
+    clone = object.__new__(type(self))
+    clone._OneShotCachedMap__lock = threading.Lock()
+    clone._OneShotCachedMap__mapping = dict(self._OneShotCachedMap__mapping)
+    return clone
+
+
+def _isolate_structure_client_copies() -> None:
+    """Work around an upstream bug that switches every run read in this process to the v2 layout.
+
+    ``BlueskyRunV3.v2`` (and so ``.v1``) does ``copy.copy(structure_clients).set("BlueskyRun", ...)``;
+    tiled's ``OneShotCachedMap`` has no ``__copy__``, so the copy shares the process-wide default table
+    and, after any ``.v1``/``.v2`` access, ``run["primary"][key]`` raises KeyError for every run read
+    later (the stream then shows only data/timestamps/config). A real copy keeps the switch local.
+    """
+    from tiled.utils import OneShotCachedMap
+
+    if "__copy__" not in vars(OneShotCachedMap):
+        OneShotCachedMap.__copy__ = _copy_one_shot_cached_map
+
+
+_isolate_structure_client_copies()
 
 
 def tiled_writer(client: Container, settings: Settings):
