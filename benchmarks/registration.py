@@ -39,6 +39,17 @@ Accuracy tables (random known transforms; seeds fixed, so a run is reproducible)
 ``accuracy_fiducials``     ``register_microscope_to_slice`` (fiducials, and fiducials + its MI refinement):
                            the simulated world's micrograph (256², 3 µm) vs an X-ray slice (128², 8 µm)
                            at random scale (+-3 %) / rotation (+-180 deg) / shift; field error in µm.
+                           Fiducial-only rotation is limited by physics: the 7 fiducials of the phantom
+                           (radius 16-24 µm, sqrt(sum |r_i - r_mean|²) = 479 µm) are located in the
+                           micrograph (200 electrons/px, contrast 0.95 vs 0.40, 1 px probe) to no better
+                           than the Cramér-Rao bound of 0.044 px = 0.13 µm per axis, so the rotation has
+                           sigma >= 0.13 / 479 rad = 0.016 deg and the 0.05 deg goal is 3.2 sigma; the
+                           simulator's 2x2 (micrograph) and 4x4 (slice) sub-pixel rendering of the disks adds
+                           ~0.07 µm and ~0.1 µm (the latter a fixed error of this one slice), measured
+                           sigma 0.020 deg: ~2-4 % of cases exceed 0.05 deg. The MI refinement is kept only
+                           when it agrees with the fiducials within 3 predicted sigmas (``mi_kept`` counts
+                           it); at 8 µm slice voxels its optimum is biased (scale 0.3-0.4 %), so the
+                           combined path is the fiducial fit here.
 ``accuracy_slice_xray``, ``accuracy_slice_sem``
                            ``find_slice_in_volume``: a 64x128x128 volume (6 µm voxels, noise 0.05/mm) of a
                            dense-inclusion phantom and a 128² image (4 µm pixels) of a random plane:
@@ -386,6 +397,7 @@ def fiducial_accuracy(n_cases: int) -> list[dict[str, Any]]:
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     flagged = dict.fromkeys(variants, 0)
     silent = dict.fromkeys(variants, 0)
+    kept = dict.fromkeys(variants, 0)
     for _ in range(n_cases):
         true = similarity(scale=float(rng.uniform(0.97, 1.03)), rotation_deg=float(rng.uniform(-180, 180)),
                           translation_um=(*rng.uniform(-40, 40, 2), 0.0))
@@ -404,6 +416,7 @@ def fiducial_accuracy(n_cases: int) -> list[dict[str, Any]]:
                     stage_y_um=float(stage[1]), slice_image=slice_image, slice_voxel_size_um=8.0, slice_z_um=0.0,
                     fiducial_radius_um=20.0, refine_intensity=refine, raise_on_failure=False)
                 matrix, ok = np.eye(3), result.ok
+                kept[name] += result.method == "fiducials+mattes_mi"
                 matrix[:2, :2] = result.sample_from_microscope[:2, :2]
                 matrix[:2, 2] = result.sample_from_microscope[:2, 3]
                 e_px, e_deg, e_scale = _section_errors(case, matrix)
@@ -416,11 +429,18 @@ def fiducial_accuracy(n_cases: int) -> list[dict[str, Any]]:
             errors[name]["error_scale_pct"].append(e_scale)
             flagged[name] += not ok
             silent[name] += ok and e_um > 4.0
-    return [_summary("accuracy_fiducials", name, errors[name], seconds[name],
-                     goal={"error_deg": 0.05, "error_scale_pct": 0.1, "error_um": 1.0}, flagged=flagged[name],
-                     silent=silent[name], n_cases=n_cases,
-                     note="256² micrograph (3 um) vs 128² slice (8 um); error_um over the 768 um field")
-            for name in variants]
+    rows = []
+    for name, refine in variants.items():
+        row = _summary("accuracy_fiducials", name, errors[name], seconds[name],
+                       goal={"error_deg": 0.05, "error_scale_pct": 0.1, "error_um": 1.0}, flagged=flagged[name],
+                       silent=silent[name], n_cases=n_cases,
+                       note="256² micrograph (3 um) vs 128² slice (8 um); error_um over the 768 um field; "
+                            "rotation sigma >= 0.016 deg by the micrograph's shot noise (Cramer-Rao)"
+                            + (f"; MI refinement kept in {kept[name]}/{n_cases}" if refine else ""))
+        if refine:
+            row["mi_kept"] = kept[name]
+        rows.append(row)
+    return rows
 
 
 # ============================================================================================== slice in volume

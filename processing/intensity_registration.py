@@ -36,7 +36,6 @@ Method
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,6 +45,15 @@ import SimpleITK as sitk
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
+from corrflow.processing._mutual_information import (
+    MIN_SIGNIFICANCE,
+    mattes_method,
+    mattes_metric,
+    normalized_mutual_information,
+    null_significance,
+    robust_range,
+    run_mattes,
+)
 from corrflow.processing.registration import RegistrationError
 
 __all__ = ["IntensityRegistrationResult", "normalized_mutual_information", "register_intensity"]
@@ -64,11 +72,6 @@ _SEARCH_MIN_OVERLAP = 0.25
 # last step is a thousandth of the first.
 _FINE_LEARNING_RATE = 0.5
 _FINE_MIN_STEP = 1e-3
-# Mattes metric samples per pyramid level (a regular grid over the fixed image).
-_MAX_SAMPLES = 262144
-# Wrong placements sampled for the significance of the NMI confidence (see _null_significance).
-_N_NULL = 20
-_MIN_SIGNIFICANCE = 8.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -191,18 +194,6 @@ class _Grid:
         return np.stack([xx, yy], axis=-1)
 
 
-def _robust_range(image: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Clip to the 0.5-99.5 percentiles before mutual information.
-
-    Mattes MI bins the full intensity range; a few outlier pixels (hot pixels, streaks) would otherwise
-    squeeze the sample into a few bins. (Measured on the phantom's slice/micrograph pairs: 0.013 deg
-    worst rotation error over 6 cases, against 0.019 deg unclipped and 0.067 deg with full histogram
-    equalisation, which spreads the noise of the matrix over all bins.)
-    """
-    low, high = np.percentile(image, [0.5, 99.5])
-    return np.clip(image, low, high) if high > low else image
-
-
 def _sitk_image(image: NDArray[np.float64], grid: _Grid) -> sitk.Image:
     out = sitk.GetImageFromArray(image.astype(np.float32))  # ITK index (i, j) = (col, row) -> (x, y)
     out.SetOrigin(grid.origin_um)
@@ -230,54 +221,6 @@ def _rescale(image: NDArray[np.float64], factor: float) -> NDArray[np.float64]:
 # --------------------------------------------------------------------------------------------------
 
 
-def normalized_mutual_information(a: ArrayLike, b: ArrayLike, *, bins: int = 32) -> float:
-    """Normalised mutual information ``(H(A) + H(B)) / H(A, B)`` of paired samples.
-
-    Parameters
-    ----------
-    a, b : array_like, same shape
-        Paired intensities (e.g. the overlap of two registered images), any real dtype.
-    bins : int
-        Histogram bins per image (equal-width between each image's 0.5 and 99.5 percentiles, so a few
-        outliers do not squeeze the rest into one bin).
-
-    Returns
-    -------
-    float
-        1 for independent images, 2 when one image is a one-to-one function of the other.
-    """
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"a and b must have the same number of samples, got {x.size} and {y.size}")
-    if x.size < 2:
-        raise ValueError("at least 2 paired samples are needed")
-    if int(bins) != bins or bins < 2:
-        raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
-
-    def edges(v: NDArray[np.float64]) -> NDArray[np.float64]:
-        lo, hi = np.percentile(v, [0.5, 99.5])
-        if hi <= lo:
-            lo, hi = v.min(), v.max() + 1e-12
-        return np.linspace(lo, hi, int(bins) + 1)
-
-    ex, ey = edges(x), edges(y)
-    # Bin indices by arithmetic (np.histogram2d is ~10x slower for 10^5 samples).
-    ix = np.clip(((x - ex[0]) / (ex[-1] - ex[0]) * bins).astype(np.intp), 0, int(bins) - 1)
-    iy = np.clip(((y - ey[0]) / (ey[-1] - ey[0]) * bins).astype(np.intp), 0, int(bins) - 1)
-    joint = np.bincount(ix * int(bins) + iy, minlength=int(bins) ** 2).astype(np.float64)
-    p = joint.reshape(int(bins), int(bins)) / joint.sum()
-
-    def entropy(q: NDArray[np.float64]) -> float:
-        q = q[q > 0]
-        return float(-(q * np.log(q)).sum())
-
-    h_joint = entropy(p)
-    if h_joint == 0:
-        return 1.0  # both constant: no information either way
-    return (entropy(p.sum(axis=1)) + entropy(p.sum(axis=0))) / h_joint
-
-
 def _overlap_nmi(
     fixed: NDArray[np.float64], fixed_grid: _Grid, moving: NDArray[np.float64], moving_grid: _Grid,
     matrix: NDArray[np.float64], bins: int,
@@ -296,38 +239,6 @@ def _overlap_nmi(
     sampled = ndimage.map_coordinates(moving, [row[inside], col[inside]], order=1)
     return normalized_mutual_information(fixed.ravel()[inside], sampled, bins=bins), fraction
 
-
-
-def _null_significance(
-    nmi: float, evaluate: Callable[[NDArray[np.float64]], tuple[float, float]], *, centre_um: NDArray[np.float64],
-    extent_um: float, overlap: float, n_null: int = _N_NULL,
-) -> tuple[float, float]:
-    """How far ``nmi`` stands above the NMI of deliberately wrong placements: ``(z score, null mean)``.
-
-    An optimiser with several degrees of freedom finds SOME mutual information even between unrelated
-    images (smooth images have few independent samples), so a fixed NMI limit alone cannot tell a weak true
-    match from a fitted chance one. The null distribution is sampled by moving the image in its own plane
-    (``evaluate`` gets a 3x3 motion of the moving frame: a rotation by 45-315 deg about its centre and a
-    shift of up to a quarter of its extent) away from the solution, keeping placements that overlap at
-    least half as much; the z score is ``(nmi - mean) / std`` (std at least 0.002).
-    """
-    rng = np.random.default_rng(12345)  # fixed: the confidence of a result is reproducible
-    values: list[float] = []
-    for _ in range(4 * n_null):
-        angle = np.radians(rng.uniform(45.0, 315.0))
-        c, s = np.cos(angle), np.sin(angle)
-        motion = np.eye(3)
-        motion[:2, :2] = [[c, -s], [s, c]]
-        motion[:2, 2] = centre_um - motion[:2, :2] @ centre_um + rng.uniform(-0.25, 0.25, 2) * extent_um
-        value, covered = evaluate(motion)
-        if covered >= 0.5 * overlap:
-            values.append(value)
-        if len(values) >= n_null:
-            break
-    if len(values) < 5:
-        return np.nan, np.nan  # no wrong placement overlaps enough to compare with: cannot assess
-    mean = float(np.mean(values))
-    return (nmi - mean) / max(float(np.std(values)), 0.002), mean
 
 # --------------------------------------------------------------------------------------------------
 # 1. exhaustive start: gradient-magnitude masked NCC over rotations x scales x all translations
@@ -554,13 +465,7 @@ def _mattes(
     learning_rate: float, min_step: float,
 ) -> tuple[sitk.Transform, float]:
     """One SimpleITK Mattes-MI optimisation on one level; returns (transform, metric x valid fraction)."""
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    # A regular grid of at most _MAX_SAMPLES fixed pixels: deterministic (no random-sampling noise in the
-    # optimum, which the accuracy goals need).
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(min(1.0, _MAX_SAMPLES / float(np.prod(fixed.GetSize()))), 1)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = mattes_method(fixed, bins=bins)
     # Regular-step gradient descent with physical-shift parameter scales. It normalises the scaled gradient,
     # so a step is `learning_rate` physical units when the shift dominates the gradient but up to
     # `learning_rate` RADIANS when only the rotation is left: the learning rates stay below one and every
@@ -572,22 +477,7 @@ def _mattes(
         gradientMagnitudeTolerance=1e-10,
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetInitialTransform(initial, inPlace=False)
-    final = method.Execute(fixed, moving)
-    # Candidates are compared by total information, MI per sample x fraction of samples inside the other
-    # image: per-sample MI alone favours starts that barely overlap (few samples, upward-biased estimate).
-    sampled = method.GetMetricSamplingPercentagePerLevel()[-1] * float(np.prod(fixed.GetSize()))
-    fraction = min(1.0, method.GetMetricNumberOfValidPoints() / max(sampled, 1.0))
-    return final, float(method.GetMetricValue()) * fraction
-
-
-def _metric_at(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, bins: int) -> float:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    method.SetMetricSamplingStrategy(method.NONE)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetInitialTransform(transform, inPlace=False)
-    return float(method.MetricEvaluate(fixed, moving))
+    return run_mattes(method, fixed, moving, initial)
 
 
 def _pyramid(image: sitk.Image, factors: list[int], reference_pixel_um: float) -> dict[int, sitk.Image]:
@@ -636,7 +526,7 @@ def register_intensity(
     histogram_bins: int = 32,
     min_overlap: float = 0.2,
     min_nmi: float = 1.03,
-    min_significance: float = _MIN_SIGNIFICANCE,
+    min_significance: float = MIN_SIGNIFICANCE,
     raise_on_failure: bool = True,
 ) -> IntensityRegistrationResult:
     """Register two 2-D images of the same plane, possibly of different modalities, by mutual information.
@@ -720,8 +610,8 @@ def register_intensity(
         if np.ptp(img) == 0:
             raise RegistrationError(f"the {name} image is constant: there is nothing to register")
 
-    # Robust intensity range for the mutual-information stages (see _robust_range).
-    fixed_eq, moving_eq = _robust_range(fixed_img), _robust_range(moving_img)
+    # Robust intensity range for the mutual-information stages (see _mutual_information.robust_range).
+    fixed_eq, moving_eq = robust_range(fixed_img), robust_range(moving_img)
     sitk_fixed = _sitk_image(fixed_eq, fixed_grid)
     sitk_moving = _sitk_image(moving_eq, moving_grid)
     centre = fixed_grid.center_um.copy()
@@ -789,9 +679,9 @@ def register_intensity(
         raise RegistrationError(f"SimpleITK refinement failed: {str(error).strip().splitlines()[-1]}") from error
 
     matrix = _from_itk(transform)
-    mattes_mi = -_metric_at(sitk_fixed, sitk_moving, transform, histogram_bins)
+    mattes_mi = -mattes_metric(sitk_fixed, sitk_moving, transform, bins=histogram_bins)
     nmi, overlap = _overlap_nmi(fixed_eq, fixed_grid, moving_eq, moving_grid, matrix, int(histogram_bins))
-    significance, null_nmi = _null_significance(
+    significance, null_nmi = null_significance(
         nmi, lambda motion: _overlap_nmi(fixed_eq, fixed_grid, moving_eq, moving_grid, matrix @ motion,
                                          int(histogram_bins)),
         centre_um=moving_grid.center_um, extent_um=moving_grid.extent_um, overlap=overlap,

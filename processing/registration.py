@@ -95,6 +95,7 @@ def detect_fiducials(
     size_tolerance: float = 0.5,
     min_snr: float = 5.0,
     exclude_border: bool = True,
+    localization: Literal["disk_fit", "centroid"] = "disk_fit",
 ) -> NDArray[np.float64]:
     """Find round fiducial markers (spheres, their sections or projections) with sub-pixel centroids.
 
@@ -104,6 +105,18 @@ def detect_fiducials(
     ``size_tolerance``) are kept; each centroid is the background-subtracted, intensity-weighted mean
     in a disk window, re-centred three times (the clip at a quarter of the peak makes the weights fall
     continuously to zero, so pixel noise at the blob edge does not bias the centroid).
+
+    With ``localization="disk_fit"`` (default) every centroid is then refined by a least-squares fit of a
+    blurred disk on a planar background to the UNSMOOTHED image in a window around it (centre, radius, edge
+    blur, amplitude and background all free; pixels of a neighbouring inclusion inside the window are
+    found as outliers and left out, see :func:`_fit_disk`): the same model in every modality. The edge
+    pixels carry all the position information and the fit weighs them as least squares should; the
+    intensity-weighted centroid also weighs the noise of the flat interior and is pulled by neighbours.
+    Measured on the benchmark's simulated backscatter micrographs (200 electrons per pixel, 16-24 µm Cu
+    spheres at 3 µm pixels, 50 images): 0.055 px rms per axis against 0.060 px for the centroid, where the
+    Cramér-Rao bound is 0.044 px and the simulator's own 2x2 sub-pixel rendering of the disks puts 0.022 px
+    rms into them; with a pore 4 px from every fiducial's edge, 0.07 px (radial) against 0.13 px. A fit
+    that does not converge or leaves the blob keeps the centroid.
 
     Parameters
     ----------
@@ -124,6 +137,8 @@ def detect_fiducials(
     exclude_border : bool
         Drop blobs whose centre lies within ``radius + 1`` px of the image border (cut-off blobs have
         biased centroids).
+    localization : {"disk_fit", "centroid"}
+        Sub-pixel centre: a blurred-disk model fit (see above) or the intensity-weighted centroid alone.
 
     Returns
     -------
@@ -146,6 +161,8 @@ def detect_fiducials(
         raise ValueError(f"size_tolerance must lie in (0, 1), got {size_tolerance!r}")
     if not np.isfinite(min_snr) or min_snr <= 0:
         raise ValueError(f"min_snr must be a positive finite number, got {min_snr!r}")
+    if localization not in ("disk_fit", "centroid"):
+        raise ValueError(f"localization must be 'disk_fit' or 'centroid', got {localization!r}")
     if polarity == "dark":
         img = -img
 
@@ -203,11 +220,112 @@ def detect_fiducials(
             margin <= x <= img.shape[1] - 1 - margin and margin <= y <= img.shape[0] - 1 - margin
         ):
             continue
-        found.append((float(weights.sum()), x, y))
+        strength = float(weights.sum())
+        if localization == "disk_fit":
+            fitted = _fit_disk(img, x, y, radius_px=radius_px)
+            if fitted is not None:
+                x, y = fitted
+        found.append((strength, x, y))
     found.sort(key=lambda item: -item[0])
     if max_count is not None:
         found = found[: int(max_count)]
     return np.array([(x, y) for _, x, y in found], dtype=np.float64).reshape(-1, 2)
+
+
+_SQRT2 = float(np.sqrt(2.0))
+_SQRT_PI = float(np.sqrt(np.pi))
+# Residuals beyond this many robust sigmas of the Cauchy fit mark a neighbour's pixels in _fit_disk (4: a pore
+# next to every fiducial costs nothing, measured 0.073 px with and without; 5 lets its blurred edge pull).
+_DISK_OUTLIER_SIGMAS = 4.0
+
+
+def _fit_disk(image: NDArray[np.float64], x0: float, y0: float, *, radius_px: float) -> tuple[float, float] | None:
+    """Least-squares centre ``(x, y)`` (px) of one bright disk near ``(x0, y0)``, or None if the fit fails.
+
+    Model over a disk window of radius ``R0 + 3 s0 + 2`` px (``R0 = radius_px``, ``s0 = 1`` px) around the
+    start: ``b0 + b1 (x - x0) + b2 (y - y0) + a * erfc((|p - c| - R) / (sqrt(2) s)) / 2``, a disk of radius
+    ``R`` with a Gaussian edge of width ``s`` on a planar background; all 8 parameters free. The model is
+    radially symmetric, so an error in its profile (a small disk is not exactly an erfc edge; pixel
+    averaging, probe or reconstruction blur) does not move the centre. Three fits: plain least squares; a
+    Cauchy loss at 3 robust residual sigmas, which discounts a neighbouring inclusion inside the window; and
+    plain least squares again without the pixels more than :data:`_DISK_OUTLIER_SIGMAS` robust sigmas off
+    that fit, grown by one pixel (the inclusion and its blurred edge). Rejected (None): no convergence, a
+    centre more than half a radius from the start, a radius at a bound, or more than half the window
+    rejected.
+    """
+    from scipy.optimize import least_squares  # local: only the fit needs it
+    from scipy.special import erfc
+
+    rows, cols = image.shape
+    blur0 = 1.0
+    half = int(np.ceil(radius_px + 3.0 * blur0 + 2.0))
+    r0, r1 = max(int(round(y0)) - half, 0), min(int(round(y0)) + half + 1, rows)
+    c0, c1 = max(int(round(x0)) - half, 0), min(int(round(x0)) + half + 1, cols)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    window = (yy - y0) ** 2 + (xx - x0) ** 2 <= half**2
+    x = xx[window].astype(np.float64)
+    y = yy[window].astype(np.float64)
+    values = image[r0:r1, c0:c1][window]
+    dx0, dy0 = x - x0, y - y0
+    distance = np.hypot(dx0, dy0)
+    inner, outer = distance < 0.5 * radius_px, distance > radius_px + 2.0 * blur0
+    if inner.sum() < 1 or outer.sum() < 8:
+        return None
+    background = float(np.median(values[outer]))
+    amplitude = float(np.median(values[inner])) - background
+    if not amplitude > 0:
+        return None
+    low = np.array([x0 - radius_px, y0 - radius_px, 0.3 * radius_px, 0.2, 0.0, -np.inf, -np.inf, -np.inf])
+    high = np.array([x0 + radius_px, y0 + radius_px, 2.5 * radius_px, max(3.0, radius_px), np.inf, np.inf,
+                     np.inf, np.inf])
+    start = np.clip(np.array([x0, y0, radius_px, blur0, amplitude, background, 0.0, 0.0]), low + 1e-9, high - 1e-9)
+
+    def edge(p: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        r = np.hypot(x - p[0], y - p[1])
+        return r, (r - p[2]) / (_SQRT2 * p[3])
+
+    use = np.ones(x.size, dtype=bool)  # pixels in the fit (neighbouring structures are dropped below)
+
+    def residuals(p: NDArray[np.float64]) -> NDArray[np.float64]:
+        _, u = edge(p)
+        return (p[5] + p[6] * dx0 + p[7] * dy0 + p[4] * 0.5 * erfc(u) - values)[use]
+
+    def jacobian(p: NDArray[np.float64]) -> NDArray[np.float64]:
+        r, u = edge(p)
+        slope = -np.exp(-u * u) / _SQRT_PI  # d erfc(u)/2 / du
+        k = p[4] * slope / (_SQRT2 * p[3])
+        safe = np.maximum(r, 1e-9)
+        return np.column_stack([k * (p[0] - x) / safe, k * (p[1] - y) / safe, -k, -p[4] * slope * u / p[3],
+                                0.5 * erfc(u), np.ones_like(x), dx0, dy0])[use]
+
+    try:
+        solution = least_squares(residuals, start, jac=jacobian, bounds=(low, high), method="trf", x_scale="jac")
+        residual = residuals(solution.x)
+        sigma = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+        if sigma > 0:
+            # A Cauchy loss at 3 robust sigmas discounts a neighbouring inclusion inside the window ...
+            solution = least_squares(residuals, solution.x, jac=jacobian, bounds=(low, high), method="trf",
+                                     loss="cauchy", f_scale=3.0 * sigma, x_scale="jac")
+            # ... and its pixels (more than _DISK_OUTLIER_SIGMAS off the model, grown by one pixel, which
+            # takes in their blurred edge) are then dropped for a last plain least-squares fit.
+            residual = residuals(solution.x)
+            sigma = max(1.4826 * float(np.median(np.abs(residual - np.median(residual)))), 1e-12 * amplitude)
+            box = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+            box[yy[window] - r0, xx[window] - c0] = np.abs(residual) > _DISK_OUTLIER_SIGMAS * sigma
+            box = ndimage.binary_dilation(box, structure=np.ones((3, 3), dtype=bool))
+            use[:] = ~box[yy[window] - r0, xx[window] - c0]
+            if use.sum() < 0.5 * use.size:
+                return None
+            if not use.all():
+                solution = least_squares(residuals, solution.x, jac=jacobian, bounds=(low, high), method="trf",
+                                         x_scale="jac")
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    cx, cy, radius = solution.x[:3]
+    if (not solution.success or not np.all(np.isfinite(solution.x)) or np.hypot(cx - x0, cy - y0) > 0.5 * radius_px
+            or not 0.31 * radius_px < radius < 2.49 * radius_px):
+        return None
+    return float(cx), float(cy)
 
 
 # --------------------------------------------------------------------------------------------------

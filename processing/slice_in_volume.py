@@ -33,9 +33,19 @@ Method
 4. **Fallback.** If the result is below the limits, steps 1-3 are repeated with slabs tilted by
    ``max_tilt_deg`` about x and about y (both ways) and the better result kept: a horizontal slab can
    miss a plane tilted through several voxels over the field of view.
-5. **Confidence.** Normalised mutual information between the image and the volume resampled on the found
+5. **Final least-squares refinement** (``final_refinement``). The image is compared pixel by pixel with a
+   smooth function of the volume sampled on the plane (a degree-9 Legendre polynomial plus a linear
+   shading across the image, refitted at every pose; the sampled volume blurred in the plane to the
+   image's own blur), and all pose parameters are fitted by Levenberg-Marquardt
+   (:func:`_refine_least_squares`); voxels far outside the robust range (metal fiducials) are left out.
+   Mutual information from a 32-bin histogram of a ~128 px image is a noisy criterion: on the
+   benchmark's SEM images its optimum lay up to 0.66 deg of tilt from the truth, the least-squares
+   optimum within 0.31 deg. The move is local (at most 2 voxels at the image corners) and kept only if it
+   lowers the residual.
+6. **Confidence.** Normalised mutual information between the image and the volume resampled on the found
    plane, its significance against the image misplaced within that plane, and the fraction of the image
-   inside the volume; below the limits -> ``RegistrationError``.
+   inside the volume; below the limits -> ``RegistrationError``. The result also reports the fraction of
+   the image variance that the fitted mapping of step 5 leaves unexplained.
 """
 
 from __future__ import annotations
@@ -48,16 +58,16 @@ import SimpleITK as sitk
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from corrflow.processing.intensity_registration import (
-    _MIN_SIGNIFICANCE,
-    _Grid,
-    _null_significance,
-    _pair,
-    _positive,
-    _robust_range,
-    _search_starts,
+from corrflow.processing._mutual_information import (
+    MIN_SIGNIFICANCE,
+    mattes_method,
+    mattes_metric,
     normalized_mutual_information,
+    null_significance,
+    robust_range,
+    run_mattes,
 )
+from corrflow.processing.intensity_registration import _Grid, _pair, _positive, _search_starts
 from corrflow.processing.intensity_registration import _as_image as _as_image_2d
 from corrflow.processing.registration import RegistrationError
 
@@ -68,11 +78,19 @@ _MODELS = ("rigid", "similarity")
 # Coarse grid of the global search (pixels across the larger field of view): heights x rotations makes
 # this search much bigger than the 2-D one, so it runs on a coarser grid.
 _SEARCH_SIZE = 96
-# Samples of the Mattes metric per level (regular grid over the image).
-_MAX_SAMPLES = 262144
 # Pyramid levels (volume voxels per level pixel) on which every start is optimised with the tilt held; at
 # 4 the image is ~20 px across and mutual information ranks chance placements above the right one.
 _CANDIDATE_LEVELS = (2,)
+# Step 5 (final least-squares refinement): degree of the Legendre polynomial that maps volume values to image
+# values (a kinked relation such as X-ray attenuation -> backscatter yield needs more than a cubic: measured
+# on the benchmark's SEM cases, cubic 0.68 deg worst tilt error, degree 9 0.40 deg, degrees 7 and 13 alike),
+# at most this many image pixels (binned beyond), and the largest move of the plane it may make at the image
+# corners, in voxels (beyond it the mutual-information result is kept: the refinement is local).
+_MAPPING_DEGREE = 9
+_LS_MAX_SAMPLES = 65536
+_LS_MAX_MOVE_VOXELS = 2.0
+# In-plane blurs (image pixels) of the sampled volume among which step 5 chooses the best-matching one.
+_LS_BLURS_PX = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,10 @@ class SliceInVolumeResult:
         found plane (rotated and shifted); NaN if no misplacement overlaps the volume enough.
     null_nmi : float
         Mean NMI of those misplacements.
+    unexplained_variance : float
+        Fraction of the image's variance (pixels inside the volume) that no smooth function of the volume
+        values on the plane explains (the residual of step 5, 1 - correlation ratio): near 0 for a
+        one-to-one match, near 1 for unrelated images; NaN if it could not be evaluated.
     """
 
     sample_from_image: NDArray[np.float64] = field(repr=False)
@@ -171,6 +193,7 @@ class SliceInVolumeResult:
     message: str = ""
     significance: float = float("nan")
     null_nmi: float = float("nan")
+    unexplained_variance: float = float("nan")
 
 
 def _as_volume(volume: ArrayLike) -> NDArray[np.float64]:
@@ -250,11 +273,7 @@ def _mattes3d(
     max_step_um: float, free_tilt: bool,
 ) -> tuple[sitk.Transform, float]:
     """One Mattes-MI optimisation on one level; returns (transform, metric x valid fraction)."""
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(min(1.0, _MAX_SAMPLES / float(np.prod(plane.GetSize()))), 1)
-    method.SetInterpolator(sitk.sitkLinear)
+    method = mattes_method(plane, bins=bins)
     # Plain gradient descent whose learning rate is set once so that the first step moves no image point by
     # more than max_step_um. (The regular-step optimizer normalises the scaled gradient: when the shifts
     # have converged and only the tilt gradient is left, its first step turns the plane by a whole
@@ -270,13 +289,7 @@ def _mattes3d(
         # (angle_x, angle_y, angle_z, tx, ty, tz); Similarity3D (versor_x, versor_y, versor_z, tx, ty, tz, s).
         n = len(initial.GetParameters())
         method.SetOptimizerWeights([0.0, 0.0] + [1.0] * (n - 2))
-    method.SetInitialTransform(initial, inPlace=False)
-    final = method.Execute(plane, volume)
-    # Candidates are compared by total information, MI per sample x fraction of samples inside the other
-    # image: per-sample MI alone favours starts that barely overlap (few samples, upward-biased estimate).
-    sampled = method.GetMetricSamplingPercentagePerLevel()[-1] * float(np.prod(plane.GetSize()))
-    fraction = min(1.0, method.GetMetricNumberOfValidPoints() / max(sampled, 1.0))
-    return final, float(method.GetMetricValue()) * fraction
+    return run_mattes(method, plane, volume, initial)
 
 
 def _tilt_rotation(tilt_x_deg: float, tilt_y_deg: float) -> NDArray[np.float64]:
@@ -299,15 +312,6 @@ def _rotate_volume(volume: NDArray[np.float64], rotation: NDArray[np.float64]) -
     return ndimage.affine_transform(volume, matrix, centre - matrix @ centre, order=1, mode="nearest")
 
 
-def _metric3d(plane: sitk.Image, volume: sitk.Image, transform: sitk.Transform, bins: int) -> float:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
-    method.SetMetricSamplingStrategy(method.NONE)
-    method.SetInterpolator(sitk.sitkLinear)
-    method.SetInitialTransform(transform, inPlace=False)
-    return float(method.MetricEvaluate(plane, volume))
-
-
 def _plane_samples(
     volume: NDArray[np.float64], voxel_um: float, z_offset_um: float, grid: _Grid, matrix: NDArray[np.float64],
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
@@ -320,6 +324,184 @@ def _plane_samples(
     inside = np.all((index >= 0) & (index <= np.array([nx - 1, ny - 1, nz - 1])), axis=1)
     values = ndimage.map_coordinates(volume, index[inside][:, ::-1].T, order=1)
     return values, inside
+
+
+def _image_motion(q: NDArray[np.float64], centre: NDArray[np.float64], lever_um: float) -> NDArray[np.float64]:
+    """4x4 motion of the image frame about ``centre`` (3,), from the refinement parameters ``q``.
+
+    ``q[:3]``: rotation vector times ``lever_um`` (µm moved at ``lever_um`` from the centre); ``q[3:6]``:
+    translation (µm); ``q[6]`` (similarity): log scale times ``lever_um``. All parameters are then in µm of
+    image-point motion, which keeps the least-squares problem well scaled.
+    """
+    angle = float(np.linalg.norm(q[:3])) / lever_um
+    rotation = np.eye(3)
+    if angle > 0:
+        k = q[:3] / (angle * lever_um)
+        cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+        rotation = rotation + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
+    linear = rotation * (np.exp(q[6] / lever_um) if q.size > 6 else 1.0)
+    out = np.eye(4)
+    out[:3, :3] = linear
+    out[:3, 3] = centre - linear @ centre + q[3:6]
+    return out
+
+
+def _saturated_voxels(volume: NDArray[np.float64]) -> NDArray[np.bool_]:
+    """Voxels far outside the robust range, shape of ``volume``: above ``hi + (hi - median) / 2`` or below
+    ``lo - (median - lo) / 2`` (``lo, hi`` its 0.5 / 99.5 percentiles), e.g. metal fiducials in a light alloy.
+
+    None in a volume whose extremes are a population of inclusions (the dense benchmark phantom).
+    """
+    low, median, high = np.percentile(volume, [0.5, 50.0, 99.5])
+    return (volume > high + 0.5 * (high - median)) | (volume < low - 0.5 * (median - low))
+
+
+def _refine_least_squares(
+    volume: NDArray[np.float64], voxel_um: float, z_offset_um: float, image: NDArray[np.float64], grid: _Grid,
+    matrix: NDArray[np.float64], *, model: str, refine: bool, saturated: NDArray[np.bool_] | None = None,
+) -> tuple[NDArray[np.float64], float, float, str]:
+    """Step 5: local least-squares refinement of the plane with a fitted intensity mapping.
+
+    The image (standardised) is compared with ``g(v) + (a + b v) x + (c + d v) y``: ``v`` is the volume
+    sampled (trilinear) at the plane point of every image pixel and blurred in the plane by ``s`` image pixels,
+    ``g`` a Legendre polynomial of degree :data:`_MAPPING_DEGREE` over the range of ``v`` on the starting
+    plane, and the terms in the image coordinates ``x, y`` (centred, in half-extents) a gentle linear
+    shading of the image (a backscatter detector's, +-4 % in the simulated SEM); all of it refitted by
+    linear least squares at every pose (variable projection: the residual is what no smooth function of the
+    volume explains). The 6 (rigid) or 7 (similarity) pose parameters of a motion of the image frame about
+    its centre (:func:`_image_motion`) are then fitted by Levenberg-Marquardt with forward differences.
+    ``s`` is chosen once, at the start, as the blur in [0, 2] px that best explains the image (parabola
+    through 0, 0.5, ..., 2): an SEM image is blurred by its probe, the volume on the plane only by its
+    voxels, and an unmatched blur biases the tilt. (An image sharper than the volume is left as it is.)
+
+    Why: the Mattes histogram of 32 bins spends its information on the noise of a 128 px image, a cubic
+    mapping cannot follow the kink of attenuation -> backscatter yield at the matrix value, and shading and
+    blur not modelled pull a weakly constrained tilt. Measured on the benchmark's SEM cases (seed 7000, 50
+    planes): worst tilt error 0.66 deg (median 0.16) after the MI stages; 0.40 deg with a degree-9 mapping
+    alone; 0.31 deg (median 0.11) with mapping, shading and blur, and 0.28 deg on 50 more planes (seed 7001).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (nz, ny, nx)
+        Volume on its robust intensity range.
+    voxel_um, z_offset_um : float
+        Volume geometry (see the module conventions).
+    image : ndarray, shape (rows, cols)
+        Image on its robust intensity range, geometry ``grid``. Images of more than :data:`_LS_MAX_SAMPLES`
+        pixels are binned (block means) to fewer.
+    matrix : ndarray, shape (4, 4)
+        Starting ``sample_from_image``.
+    model : {"rigid", "similarity"}
+    refine : bool
+        False: only evaluate the residual at ``matrix`` (no blur, ``s = 0``).
+    saturated : ndarray of bool, shape (nz, ny, nx), optional
+        Voxels far outside the robust range (:func:`_saturated_voxels`). Image pixels whose plane point lies
+        within a voxel of one are left out: clipping flattened those objects (metal fiducials, 30 times the
+        matrix's attenuation), so their partial-volume edges have no one-to-one relation with the image, and
+        their extent in height is quantised by the voxels; on a section through the fiducials' equators they
+        pulled the tilt 0.6 deg off. (Their in-plane positions were used by steps 1-3.)
+
+    Returns
+    -------
+    matrix : ndarray, shape (4, 4)
+        Refined (or the start, if the refinement failed, did not lower the residual or moved an image corner
+        by more than :data:`_LS_MAX_MOVE_VOXELS` voxels).
+    unexplained : float
+        Fraction of the image variance (pixels inside the volume) left unexplained by the fitted mapping; in
+        [0, 1], 0 for a perfect one-to-one match, near 1 for unrelated images.
+    moved_um : float
+        Largest move of an image corner by the refinement (µm; 0 if the start is kept).
+    note : str
+        What happened, for the result message.
+    """
+    from scipy.optimize import least_squares  # local: only this stage needs it
+
+    rows, cols = grid.shape
+    k = max(1, int(np.ceil(np.sqrt(rows * cols / _LS_MAX_SAMPLES))))
+    if k > 1:  # bin k x k: the grid stays regular (for the blur) with at most _LS_MAX_SAMPLES pixels
+        rows, cols = rows // k, cols // k
+        image = image[: rows * k, : cols * k].reshape(rows, k, cols, k).mean(axis=(1, 3))
+        origin = np.array(grid.origin_um) + (k - 1) / 2 * grid.pixel_um
+        grid = _Grid((rows, cols), grid.pixel_um * k, origin + np.array([cols - 1, rows - 1]) / 2 * grid.pixel_um * k)
+    points = grid.points_um().reshape(-1, 2)
+    points = np.column_stack([points, np.zeros(points.shape[0])])
+    volume_origin = np.array(_volume_origin(volume.shape, voxel_um, z_offset_um))
+    upper = np.array(volume.shape[::-1], dtype=np.float64) - 1.0
+    centre = np.array([grid.center_um[0], grid.center_um[1], 0.0])
+    lever = 0.5 * grid.extent_um
+
+    def sample(m: NDArray[np.float64], blur_px: float) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+        index = (points @ m[:3, :3].T + m[:3, 3] - volume_origin) / voxel_um  # (x, y, z) index
+        inside = np.all((index >= 0) & (index <= upper), axis=1)
+        values = ndimage.map_coordinates(volume, index[:, ::-1].T, order=1, mode="nearest")
+        if blur_px > 0:
+            values = ndimage.gaussian_filter(values.reshape(rows, cols), blur_px, mode="nearest").ravel()
+        return values, inside
+
+    start_values, inside = sample(matrix, 0.0)
+    if saturated is not None and saturated.any():
+        index = (points @ matrix[:3, :3].T + matrix[:3, 3] - volume_origin) / voxel_um
+        near = ndimage.map_coordinates(saturated.astype(np.float32), index[:, ::-1].T, order=1, mode="nearest")
+        inside &= near == 0  # not within a voxel of a saturated one
+    n_columns = _MAPPING_DEGREE + 5
+    if inside.sum() < 4 * n_columns + 64:
+        return matrix, float("nan"), 0.0, "; least-squares refinement skipped (too little overlap)"
+    y = image.ravel()[inside]
+    spread = float(np.std(y))
+    if spread == 0:
+        return matrix, float("nan"), 0.0, "; least-squares refinement skipped (constant image)"
+    y = (y - float(np.mean(y))) / spread
+    low, high = np.percentile(start_values[inside], [0.5, 99.5])
+    if not high > low:
+        low, high = float(start_values[inside].min()), float(start_values[inside].max()) + 1e-12
+    shading = (points[inside, :2] - centre[:2]) / lever  # (x, y) in half-extents
+    root_n = np.sqrt(float(y.size))
+    n_parameters = 7 if model == "similarity" else 6
+
+    def residuals_at(m: NDArray[np.float64], blur_px: float) -> NDArray[np.float64]:
+        values, _ = sample(m, blur_px)
+        t = (np.clip(values[inside], low, high) - low) / (high - low) * 2.0 - 1.0
+        basis = np.column_stack([np.polynomial.legendre.legvander(t, _MAPPING_DEGREE), shading,
+                                 shading * t[:, None]])
+        # Normal equations (the Legendre and shading columns are well conditioned; SVD-based lstsq is ~30x
+        # slower), with a negligible ridge so that an empty Legendre order cannot make them singular.
+        normal = basis.T @ basis
+        normal[np.diag_indices_from(normal)] += 1e-9 * np.trace(normal)
+        coefficients = np.linalg.solve(normal, basis.T @ y)
+        return (y - basis @ coefficients) / root_n
+
+    if not refine:
+        return matrix, float(np.sum(residuals_at(matrix, 0.0) ** 2)), 0.0, ""
+    blurs = np.asarray(_LS_BLURS_PX, dtype=np.float64)
+    costs = np.array([np.sum(residuals_at(matrix, b) ** 2) for b in blurs])
+    best = int(np.argmin(costs))
+    blur = float(blurs[best])
+    if 0 < best < blurs.size - 1:  # vertex of the parabola through the best and its neighbours
+        curvature = costs[best - 1] - 2.0 * costs[best] + costs[best + 1]
+        if curvature > 0:
+            blur += 0.5 * (blurs[1] - blurs[0]) * (costs[best - 1] - costs[best + 1]) / curvature
+    before = float(np.sum(residuals_at(matrix, blur) ** 2))
+
+    def residuals(q: NDArray[np.float64]) -> NDArray[np.float64]:
+        return residuals_at(matrix @ _image_motion(q, centre, lever), blur)
+
+    try:
+        solution = least_squares(residuals, np.zeros(n_parameters), method="lm", diff_step=1e-3,
+                                 max_nfev=100 * n_parameters)
+    except (ValueError, np.linalg.LinAlgError) as error:
+        return matrix, before, 0.0, f"; least-squares refinement failed ({error})"
+    after = float(np.sum(solution.fun**2))
+    refined = matrix @ _image_motion(solution.x, centre, lever)
+    corners = np.array([[grid.origin_um[0] + i * (cols - 1) * grid.pixel_um,
+                         grid.origin_um[1] + j * (rows - 1) * grid.pixel_um, 0.0, 1.0] for i in (0, 1) for j in (0, 1)])
+    moved = float(np.linalg.norm((corners @ refined.T - corners @ matrix.T)[:, :3], axis=1).max())
+    if not (np.all(np.isfinite(refined)) and after < before):
+        return matrix, before, 0.0, "; least-squares refinement kept the mutual-information result (no improvement)"
+    if moved > _LS_MAX_MOVE_VOXELS * voxel_um:
+        return matrix, before, 0.0, (f"; least-squares refinement discarded (it moved the plane by {moved:.1f} um, "
+                                     f"limit {_LS_MAX_MOVE_VOXELS * voxel_um:.1f} um)")
+    return refined, after, moved, (f"; least-squares refinement (matched blur {blur:.2f} px) moved the plane by "
+                                   f"{moved:.2f} um")
 
 
 def find_slice_in_volume(
@@ -340,7 +522,8 @@ def find_slice_in_volume(
     histogram_bins: int = 32,
     min_overlap: float = 0.5,
     min_nmi: float = 1.03,
-    min_significance: float = _MIN_SIGNIFICANCE,
+    min_significance: float = MIN_SIGNIFICANCE,
+    final_refinement: bool = True,
     raise_on_failure: bool = True,
 ) -> SliceInVolumeResult:
     """Find the (possibly tilted) plane of ``volume`` that ``image`` shows, by mutual information.
@@ -386,6 +569,8 @@ def find_slice_in_volume(
         Smallest accepted normalised mutual information.
     min_significance : float
         Smallest accepted significance of the NMI against misplacements (see the result's ``significance``).
+    final_refinement : bool
+        Run the least-squares refinement of step 5 (module notes). False keeps the mutual-information result.
     raise_on_failure : bool
         If False, a low-NMI result is returned with ``ok=False``. Too little overlap always raises.
 
@@ -449,8 +634,8 @@ def find_slice_in_volume(
     volume_centre = np.array([0.0, 0.0, float(z_offset_um)])
 
     # SimpleITK images and pyramid, shared by every start.
-    # Mutual information on a robust intensity range (see intensity_registration._robust_range).
-    vol_eq, img_eq = _robust_range(vol), _robust_range(img)
+    # Mutual information on a robust intensity range (see _mutual_information.robust_range).
+    vol_eq, img_eq = robust_range(vol), robust_range(img)
     sitk_volume = _sitk_volume(vol_eq, voxel, float(z_offset_um))
     sitk_plane = _sitk_plane(img_eq, grid)
     centre = np.array([grid.center_um[0], grid.center_um[1], 0.0])
@@ -551,6 +736,17 @@ def find_slice_in_volume(
         if retry is not None and retry[1] > nmi:
             matrix, nmi, overlap, n_starts = retry[0], retry[1], retry[2], n_starts + retry[3]
 
+    # Step 5: least-squares refinement of the plane with a fitted intensity mapping (a local move).
+    matrix, unexplained, moved_um, refinement_note = _refine_least_squares(
+        vol_eq, voxel, float(z_offset_um), img_eq, grid, matrix, model=model,
+        refine=final_refinement and overlap >= min_overlap, saturated=_saturated_voxels(vol),
+    )
+    if moved_um > 0:
+        values, inside = _plane_samples(vol_eq, voxel, float(z_offset_um), grid, matrix)
+        nmi = normalized_mutual_information(img_eq.ravel()[inside], values, bins=int(histogram_bins)) \
+            if inside.sum() > 64 else 1.0
+        overlap = float(inside.mean())
+
     def nmi_moved(motion: NDArray[np.float64]) -> tuple[float, float]:
         moved = np.eye(4)
         moved[:2, :2], moved[:2, 3] = motion[:2, :2], motion[:2, 2]
@@ -560,17 +756,18 @@ def find_slice_in_volume(
         return normalized_mutual_information(img_eq.ravel()[inside], values, bins=int(histogram_bins)), \
             float(inside.mean())
 
-    significance, null_nmi = _null_significance(nmi, nmi_moved, centre_um=grid.center_um, extent_um=grid.extent_um,
+    significance, null_nmi = null_significance(nmi, nmi_moved, centre_um=grid.center_um, extent_um=grid.extent_um,
                                                 overlap=overlap)
     plane = plane_parameters(matrix, image_center_um=grid.center_um)
     center = matrix[:3, :3] @ centre + matrix[:3, 3]
-    value = -_metric3d(sitk_plane, sitk_volume, _to_itk3d(matrix, model, centre), histogram_bins)
+    value = -mattes_metric(sitk_plane, sitk_volume, _to_itk3d(matrix, model, centre), bins=histogram_bins)
     message = (
         f"plane at height {plane.height_um:.2f} um (image centre -> ({center[0]:.1f}, {center[1]:.1f}, "
         f"{center[2]:.1f}) um), tilt {plane.tilt_deg:.2f} deg (about x {plane.tilt_x_deg:.2f}, about y "
         f"{plane.tilt_y_deg:.2f}), in-plane rotation {plane.rotation_deg:.2f} deg, scale {plane.scale:.4f}; "
         f"NMI {nmi:.3f} (limit {min_nmi}; wrong placements {null_nmi:.3f}, significance {significance:.1f} sigma, "
-        f"limit {min_significance}), overlap {overlap:.2f} (limit {min_overlap}), {n_starts} start(s)"
+        f"limit {min_significance}), overlap {overlap:.2f} (limit {min_overlap}), {n_starts} start(s), "
+        f"unexplained variance {unexplained:.3f}{refinement_note}"
     )
     if overlap < min_overlap:
         raise RegistrationError(f"no overlap: {message}")
@@ -580,5 +777,5 @@ def find_slice_in_volume(
     return SliceInVolumeResult(
         sample_from_image=matrix, plane=plane, center_um=center, mattes_mi=float(value), nmi=float(nmi),
         overlap_fraction=overlap, n_candidates=n_starts, ok=bool(ok), message=message,
-        significance=float(significance), null_nmi=float(null_nmi),
+        significance=float(significance), null_nmi=float(null_nmi), unexplained_variance=float(unexplained),
     )
