@@ -136,6 +136,8 @@ class StreamingDetector(Device):
         self._lock = threading.Lock()
         self._writer: HDF5FrameWriter | None = None
         self._acquiring = False
+        self._exposure_thread: threading.Thread | None = None
+        self._exposure_timeout_s = 0.0
         self._stream_resource_uid: str | None = None
         self._resource_announced = False
         self._frames_announced = 0
@@ -208,6 +210,11 @@ class StreamingDetector(Device):
         self.frame_number.put(0, internal=True)
 
     def unstage(self) -> list[Any]:
+        thread = self._exposure_thread
+        if thread is not None and thread is not threading.current_thread():
+            # An exposure in flight (e.g. when an abort unstages) lands in the file first: unstaging
+            # never discards a frame, nor fails the trigger status the RunEngine may still hold.
+            thread.join(self._exposure_timeout_s)
         with self._lock:
             writer, self._writer = self._writer, None
             self._fly_frames = None
@@ -240,9 +247,11 @@ class StreamingDetector(Device):
                 self._acquiring = False
             raise
         status = DeviceStatus(self, timeout=self._clock.timeout_s(exposure_s))
-        threading.Thread(
+        thread = threading.Thread(
             target=self._acquire, args=(exposure_s, inputs, status), name=f"{self.name}-acquire", daemon=True
-        ).start()
+        )
+        self._exposure_thread, self._exposure_timeout_s = thread, self._clock.timeout_s(exposure_s)
+        thread.start()
         return status
 
     def _acquire(self, exposure_s: float, inputs: dict[str, Any], status: DeviceStatus) -> None:

@@ -254,6 +254,19 @@ def test_detector_writes_frames_and_stream_documents(beamline, tmp_path):
     detector.unstage()
 
 
+def test_unstaging_during_an_exposure_keeps_the_frame(beamline):
+    """An abort unstages the detector while a trigger may be in flight: the frame lands, the status succeeds."""
+    detector = beamline.detector
+    detector.stage()
+    path = detector.last_file_path
+    status = detector.trigger()
+    detector.unstage()  # at once, while the exposure runs
+    status.wait(timeout=5)
+    assert status.success
+    with h5py.File(path, "r") as f:
+        assert f[DATASET_PATH].shape[0] == 1
+
+
 def test_frame_writer_never_overwrites(tmp_path):
     path = tmp_path / "frames.h5"
     path.write_bytes(b"precious")
