@@ -21,7 +21,7 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import DeviceStatus
 
-from corrflow.devices.settling import SettlingStatusMixin
+from corrflow.devices.settling import SettlingStatusMixin, TemperatureSetpointMixin
 
 from corrflow.devices.epics_base import Readback, Setting, ensure_connected
 from corrflow.devices.signals import ConfigSignal, finite, positive_finite
@@ -40,7 +40,7 @@ def _non_negative_finite(value: Any) -> None:
         raise ValueError(f"expected a value >= 0, got {value!r}")
 
 
-class EpicsHeater(SettlingStatusMixin, Device):
+class EpicsHeater(SettlingStatusMixin, TemperatureSetpointMixin, Device):
     """Sample furnace over EPICS: setpoint, measured temperature, ramp rate, power, settle criterion.
 
     Parameters
@@ -79,21 +79,6 @@ class EpicsHeater(SettlingStatusMixin, Device):
         """Allowed setpoints (K): the control limits of ``Setpoint``."""
         low, high = self.setpoint.limits
         return (float(low), float(high))
-
-    @property
-    def position(self) -> float:
-        """The current setpoint (K), as for a positioner."""
-        return float(self.setpoint.get())
-
-    def check_value(self, temperature_K: Any) -> None:
-        """Raise ``ValueError`` unless ``temperature_K`` is a finite setpoint within :attr:`limits`."""
-        try:
-            finite(temperature_K)
-        except ValueError as exc:
-            raise ValueError(f"{self.name}: temperature_K: {exc}") from None
-        low, high = self.limits
-        if not low <= temperature_K <= high:
-            raise ValueError(f"{self.name}: temperature_K {temperature_K} K is outside [{low}, {high}] K")
 
     def set(self, temperature_K: float) -> DeviceStatus:
         """Write the setpoint; the status finishes once the temperature has settled.

@@ -24,7 +24,7 @@ from ophyd import Device
 from ophyd.signal import SignalRO
 from ophyd.status import DeviceStatus
 
-from corrflow.devices.settling import SettlingStatusMixin
+from corrflow.devices.settling import SettlingStatusMixin, TemperatureSetpointMixin
 
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, finite, positive_finite
@@ -106,7 +106,7 @@ class _Measured(SignalRO):
         return description
 
 
-class Heater(SettlingStatusMixin, Device):
+class Heater(SettlingStatusMixin, TemperatureSetpointMixin, Device):
     """Sample furnace: setpoint, measured temperature, ramp rate, power, settle criterion.
 
     Parameters
@@ -171,22 +171,7 @@ class Heater(SettlingStatusMixin, Device):
         model = self._world.heater
         return (float(model.min_setpoint_K), float(model.max_K))
 
-    @property
-    def position(self) -> float:
-        """The current setpoint (K), as for a positioner."""
-        return float(self.setpoint.get())
-
     # -- control -------------------------------------------------------------------------------
-    def check_value(self, temperature_K: Any) -> None:
-        """Raise ``ValueError`` unless ``temperature_K`` is a finite setpoint within :attr:`limits`."""
-        try:
-            finite(temperature_K)
-        except ValueError as exc:
-            raise ValueError(f"{self.name}: temperature_K: {exc}") from None
-        low, high = self.limits
-        if not low <= temperature_K <= high:
-            raise ValueError(f"{self.name}: temperature_K {temperature_K} K is outside [{low}, {high}] K")
-
     def set(self, temperature_K: float) -> DeviceStatus:
         """Change the setpoint; the status finishes once the temperature has settled.
 

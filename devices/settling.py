@@ -2,8 +2,8 @@
 
 One status is pending at a time: a new ``set()`` or ``stop()`` takes it out and completes it
 (fails it, unless ``stop(success=True)``), and the background waiter completes it only if it is
-still the pending one. Heaters (simulated and EPICS) use it; their wait loops differ (simulated
-clock vs Channel Access readbacks), so those stay in each device.
+still the pending one. Heaters (simulated and EPICS) use it and share :class:`TemperatureSetpointMixin`;
+their wait loops differ (simulated clock vs Channel Access readbacks), so those stay in each device.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from typing import Any
+
 from ophyd.status import DeviceStatus
+
+from corrflow.devices.signals import finite
 
 
 class SettlingStatusMixin:
@@ -54,3 +58,29 @@ class SettlingStatusMixin:
                 self._interrupt = self._pending = None
         if owner and not status.done:
             status.set_finished()  # after a timeout the status keeps its timeout error
+
+
+class TemperatureSetpointMixin:
+    """The positioner surface both heaters share: ``position`` and ``check_value`` in K.
+
+    The device provides ``name``, a ``setpoint`` signal and ``limits`` (allowed setpoints, K).
+    """
+
+    name: str
+    setpoint: Any
+    limits: tuple[float, float]
+
+    @property
+    def position(self) -> float:
+        """The current setpoint (K), as for a positioner."""
+        return float(self.setpoint.get())
+
+    def check_value(self, temperature_K: Any) -> None:
+        """Raise ``ValueError`` unless ``temperature_K`` is a finite setpoint within :attr:`limits`."""
+        try:
+            finite(temperature_K)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: temperature_K: {exc}") from None
+        low, high = self.limits
+        if not low <= temperature_K <= high:
+            raise ValueError(f"{self.name}: temperature_K {temperature_K} K is outside [{low}, {high}] K")
