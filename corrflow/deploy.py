@@ -228,6 +228,10 @@ def zombie_automation(settings: Settings) -> Any:
 def _automation_view(automation: Any) -> dict[str, Any]:
     data = json.loads(automation.model_dump_json(include={"name", "description", "enabled", "trigger", "actions"}))
     data["trigger"].pop("id", None)
+    # after/expect/for_each are sets: their JSON order follows the process's hash seed.
+    for key in ("after", "expect", "for_each"):
+        if isinstance(data["trigger"].get(key), list):
+            data["trigger"][key] = sorted(data["trigger"][key])
     return data
 
 
@@ -245,7 +249,10 @@ async def _ensure_automation(client: Any, settings: Settings) -> Action:
         await client.delete_automation(extra.id)
     if _automation_view(first) == _automation_view(core) and not duplicates:
         return Action("automation", ZOMBIE_AUTOMATION_NAME, "unchanged")
-    await client.update_automation(first.id, core)
+    # Replaced rather than updated: Prefect 3.8's update_automation sends an `owner_resource`
+    # field that its own server rejects (422).
+    await client.delete_automation(first.id)
+    await client.create_automation(core)
     return Action("automation", ZOMBIE_AUTOMATION_NAME, "updated")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -89,6 +90,47 @@ def test_bootstrap_repairs_drift_and_touches_only_what_drifted(server):
     assert actions.pop(("deployment", "prune/beamline")) == "created"
     assert actions.pop(("concurrency-limit", instrument_limit_name(server.microscope.name))) == "created"
     assert set(actions.values()) == {"unchanged"}
+
+
+def test_an_edited_zombie_automation_is_replaced_by_the_declared_one(server):
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+
+    from corrflow.deploy import zombie_automation
+
+    bootstrap(server)
+    edited = zombie_automation(server.model_copy(update={"server": server.server.model_copy(update={"zombie_after_s": 999.0})}))
+
+    async def edit_by_hand():
+        async with get_client() as client:
+            (existing,) = await client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME)
+            await client.delete_automation(existing.id)
+            await client.create_automation(AutomationCore.model_validate(edited.model_dump(include=set(AutomationCore.model_fields))))
+
+    async def automations():
+        async with get_client() as client:
+            return await client.read_automations_by_name(ZOMBIE_AUTOMATION_NAME)
+
+    _run(edit_by_hand())
+    actions = {(a.kind, a.name): a.outcome for a in bootstrap(server)}
+    assert actions[("automation", ZOMBIE_AUTOMATION_NAME)] == "updated"
+    (automation,) = _run(automations())
+    assert automation.trigger.within.total_seconds() == server.server.zombie_after_s
+
+
+def test_the_automation_comparison_does_not_depend_on_the_hash_seed():
+    """Trigger event sets serialise in hash order; two deploy processes must still agree."""
+    code = (
+        "import json; from corrflow.deploy import _automation_view, zombie_automation; "
+        "from corrflow.settings import load_settings; "
+        "print(json.dumps(_automation_view(zombie_automation(load_settings())), sort_keys=True))"
+    )
+    views = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                       capture_output=True, text=True, check=True, timeout=120).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(views) == 1, views
 
 
 def test_deployments_carry_typed_forms_schedules_and_site_pools(server):
