@@ -96,7 +96,12 @@ class ComputeSettings(_Section):
     """Where reconstruction slabs are computed: a Dask cluster through prefect-dask."""
 
     dask_address: str | None = Field(
-        None, description="Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; none = a local cluster"
+        None,
+        description=(
+            "Scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786; none = a local cluster. Start its "
+            "workers with DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_TRIM_THRESHOLD_=None "
+            "(see corrflow/dask_cluster.py)"
+        ),
     )
     dask_workers: int = Field(2, ge=1, le=1024, description="Workers of the local cluster (one process each)")
     threads_per_worker: int = Field(1, ge=1, le=256, description="Threads per local worker (and per FBP call)")

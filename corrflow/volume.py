@@ -101,16 +101,23 @@ def _line_integral_slab(raw: h5py.File, job: SlabJob) -> np.ndarray:
 def reconstruct_slab(job: SlabJob) -> np.ndarray:
     """Read, normalize and back-project one slab; returns ``(r1 - r0, n, n)`` float32, mu in 1/mm,
     ``n = job.output_size`` (default the detector width)."""
-    with h5py.File(job.nxtomo_path, "r") as raw:
-        sinograms = _line_integral_slab(raw, job)
-    angles_deg, center_px = job.angles_deg, job.center_px
-    if job.half_acquisition:
-        half = sinogram_360_to_180(sinograms, angles_deg, center_px=center_px)
-        sinograms, angles_deg, center_px = half.sinograms, half.angles_deg, half.center_px
-    return fbp_volume(
-        sinograms, angles_deg, center_px=center_px, filter_name=job.filter_name, output_size=job.output_size,
-        pixel_size_um=job.pixel_size_um, workers=job.threads,
-    )
+    try:
+        with h5py.File(job.nxtomo_path, "r") as raw:
+            sinograms = _line_integral_slab(raw, job)
+        angles_deg, center_px = job.angles_deg, job.center_px
+        if job.half_acquisition:
+            half = sinogram_360_to_180(sinograms, angles_deg, center_px=center_px)
+            sinograms, angles_deg, center_px = half.sinograms, half.angles_deg, half.center_px
+        return fbp_volume(
+            sinograms, angles_deg, center_px=center_px, filter_name=job.filter_name, output_size=job.output_size,
+            pixel_size_um=job.pixel_size_um, workers=job.threads,
+        )
+    except VolumeInputError:
+        raise
+    except ValueError as exc:  # the kernels' checks (NaN, shapes): say which file and rows, wherever it ran
+        raise VolumeInputError(
+            f"{job.nxtomo_path}: /entry/instrument/detector/data rows {job.r0}..{job.r1 - 1}: {exc}"
+        ) from exc
 
 
 def sequential_slabs(jobs: Iterable[SlabJob]) -> Iterator[tuple[SlabJob, np.ndarray]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -106,12 +107,7 @@ def test_bad_raw_data_is_rejected_naming_the_problem_and_nothing_is_left(scan, n
 
 def test_float_raw_data_with_nan_flats_is_rejected(scan):
     """Other software writes float NXtomo data; a NaN in a flat must not propagate into a volume."""
-    path = _nxtomo(scan, "nan_flat")
-    with h5py.File(path, "r+") as f:
-        data = f["/entry/instrument/detector/data"][()].astype(np.float32)
-        data[5, 3, 3] = np.nan
-        del f["/entry/data/data"], f["/entry/instrument/detector/data"]
-        f["/entry/instrument/detector/data"] = data
+    path = _float_nxtomo_with_nan(scan, "nan_flat", (5, 3, 3))
     out = scan["root"] / "nan_flat_volume.nxs"
     with pytest.raises(ValueError, match="flat"):
         reconstruct_nxtomo(path, out, center_px=scan["center"])
@@ -133,7 +129,129 @@ def test_existing_volume_is_never_overwritten(scan):
     assert out.read_bytes() == b"precious"
 
 
+def _float_nxtomo_with_nan(scan, name: str, index: tuple[int, int, int]) -> Path:
+    """An NXtomo whose detector data are float32 (as other software writes them) with one NaN."""
+    path = _nxtomo(scan, name)
+    with h5py.File(path, "r+") as f:
+        data = f["/entry/instrument/detector/data"][()].astype(np.float32)
+        data[index] = np.nan
+        del f["/entry/data/data"], f["/entry/instrument/detector/data"]
+        f["/entry/instrument/detector/data"] = data
+    return path
+
+
 def _with_frames(scan, index, value):
     data = scan["data"].copy()
     data[index] = value
     return data
+
+
+# ------------------------------------------------------------------ the slabs on a Dask cluster
+
+
+def _initial_environment(worker_environ: bytes) -> dict[str, str]:
+    """A process's environment as it started (what glibc read), from /proc/<pid>/environ."""
+    pairs = (entry.split("=", 1) for entry in worker_environ.decode(errors="replace").split("\0") if "=" in entry)
+    return dict(pairs)
+
+
+def _read_own_environ() -> bytes:
+    return Path("/proc/self/environ").read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch):
+    """Dask's nanny exports MALLOC_TRIM_THRESHOLD_ into its workers, which switches off glibc's
+    adaptive mmap threshold (every slab temporary becomes a page-faulted mmap). Ours start without
+    it, even when an earlier nanny has left it in this process's environment."""
+    from distributed import Client, LocalCluster
+
+    from corrflow.dask_cluster import MALLOC_TRIM_VARIABLE, local_cluster
+
+    monkeypatch.setenv(MALLOC_TRIM_VARIABLE, "65536")  # as a nanny started earlier leaves it
+    kwargs = dict(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with LocalCluster(**kwargs) as plain, Client(plain) as client:
+        (environ,) = client.run(_read_own_environ).values()
+    assert MALLOC_TRIM_VARIABLE in _initial_environment(environ)  # the premise: Dask still does this
+    with local_cluster(**kwargs) as ours, Client(ours) as client:
+        (environ,) = client.run(_read_own_environ).values()
+    assert MALLOC_TRIM_VARIABLE not in _initial_environment(environ)
+    assert os.environ[MALLOC_TRIM_VARIABLE] == "65536"  # put back for whoever set it
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes, as a facility's standing cluster (``compute.dask_address``)."""
+    from corrflow.dask_cluster import local_cluster
+
+    with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as running:
+        yield running
+
+
+def test_flow_spreads_the_slabs_over_the_cluster_and_matches_the_in_process_volume(scan, cluster, prefect_harness):
+    from distributed import Client, get_task_stream
+
+    from corrflow.flows.models import ReconstructionParameters, Sample
+    from corrflow.flows.reconstruct import reconstruct_on_dask
+    from corrflow.settings import ComputeSettings
+
+    path = _nxtomo(scan, "dask")
+    expected = reconstruct_nxtomo(path, scan["root"] / "dask_in_process.nxs", chunk_rows=8, center_px=scan["center"])
+    parameters = ReconstructionParameters(center_px=scan["center"], chunk_rows=8)
+    with Client(cluster) as client, get_task_stream(client) as stream:
+        product = reconstruct_on_dask(
+            Sample(name="s"), path, scan["root"] / "dask_volume.nxs", "run-dask", parameters,
+            ComputeSettings(dask_address=cluster.scheduler_address),
+        )
+    slabs = [task for task in stream.data if str(task["key"]).startswith("reconstruct-slab")]
+    assert len(slabs) == ROWS // 8
+    assert len({task["worker"] for task in slabs}) == 2  # both workers took slabs
+    with h5py.File(expected.path) as fa, h5py.File(product.path) as fb:
+        np.testing.assert_allclose(fb["/entry/data/data"][()], fa["/entry/data/data"][()], rtol=1e-5, atol=1e-5)
+    record = read_provenance(product.path)
+    assert record["input_run_uid"] == "run-dask" and record["dask_workers"] == 2
+    assert record["input_sha256"] == expected.input_sha256
+
+
+def test_slabs_in_flight_are_bounded(scan, cluster):
+    """The flow holds at most ``max_in_flight`` slabs submitted and not yet written (memory bound)."""
+    from distributed import Client
+
+    from corrflow.flows.reconstruct import dask_slabs
+
+    path = _nxtomo(scan, "in_flight")
+    outstanding: list[int] = []
+
+    def counting(jobs):
+        pulled = 0
+
+        def pull():
+            nonlocal pulled
+            for job in jobs:
+                pulled += 1
+                yield job
+
+        for written, (job, slab) in enumerate(mapper(pull())):
+            outstanding.append(pulled - written)
+            yield job, slab
+
+    with Client(cluster) as client:
+        mapper = dask_slabs(client, max_in_flight=2)
+        reconstruct_nxtomo(path, scan["root"] / "in_flight_volume.nxs", chunk_rows=4, center_px=scan["center"], map_slabs=counting)
+    assert len(outstanding) == ROWS // 4 and max(outstanding) == 2
+
+
+def test_a_slab_failing_on_a_worker_fails_the_flow_naming_the_rows_and_leaves_no_volume(scan, cluster, prefect_harness):
+    from corrflow.flows.models import ReconstructionParameters, Sample
+    from corrflow.flows.reconstruct import reconstruct_on_dask
+    from corrflow.settings import ComputeSettings
+
+    # A corrupt pixel in the last projection, in the last slab only: the others are written first.
+    path = _float_nxtomo_with_nan(scan, "nan_projection", (len(scan["data"]) - 1, ROWS - 3, 10))
+    out = scan["root"] / "nan_projection_volume.nxs"
+    with pytest.raises(VolumeInputError, match=rf"rows {ROWS - 8}\.\.{ROWS - 1}: projections contain NaN"):
+        reconstruct_on_dask(
+            Sample(name="s"), path, out, "run-nan", ReconstructionParameters(center_px=scan["center"], chunk_rows=8),
+            ComputeSettings(dask_address=cluster.scheduler_address),
+        )
+    assert not out.exists() and not out.with_name(out.name + ".part").exists()
