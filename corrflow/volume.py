@@ -24,6 +24,8 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,6 +164,17 @@ def _nominal_axis_offset_um(raw: h5py.File) -> tuple[float | None, bool]:
     return offset_um, half
 
 
+@contextmanager
+def _sha256_in_background(path: Path) -> Iterator[Future[str]]:
+    """The file's sha256, computed on a thread beside the reconstruction: for a large scan that is
+    seconds of reading no slab needs to wait for. On an error the caller does not wait for it."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrflow-input-sha256")
+    try:
+        yield executor.submit(sha256_file, path, chunk_bytes=HASH_CHUNK_BYTES)
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
 def software_versions() -> dict[str, str]:
     import scipy
 
@@ -228,8 +241,7 @@ def reconstruct_nxtomo(
     if output_path.exists():
         raise FileExistsError(f"{output_path} exists: a reconstruction is never overwritten")
     start = time.perf_counter()
-    input_sha256 = sha256_file(nxtomo_path, chunk_bytes=HASH_CHUNK_BYTES)
-    with h5py.File(nxtomo_path, "r") as raw:
+    with _sha256_in_background(nxtomo_path) as input_sha256, h5py.File(nxtomo_path, "r") as raw:
         try:
             data = raw["/entry/instrument/detector/data"]
             image_key = np.asarray(raw["/entry/instrument/detector/image_key"][()])
@@ -325,9 +337,9 @@ def reconstruct_nxtomo(
             _write_volume(
                 partial, map_slabs(jobs), n_rows=n_rows, n_cols=width, pixel_size_um=pixel_size_um,
                 progress=progress,
-                record={
+                record=lambda: {
                     "input_file": str(nxtomo_path),
-                    "input_sha256": input_sha256,
+                    "input_sha256": input_sha256.result(),
                     "parameters": {
                         "filter_name": filter_name,
                         "center_px": center_px,
@@ -355,7 +367,7 @@ def reconstruct_nxtomo(
         center_px=float(center_px),
         voxel_size_um=pixel_size_um,
         shape_zyx=(n_rows, width, width),
-        input_sha256=input_sha256,
+        input_sha256=input_sha256.result(),
         seconds=time.perf_counter() - start,
         acquisition=acquisition,
     )
@@ -369,9 +381,9 @@ def _write_volume(
     n_cols: int,
     pixel_size_um: float,
     progress: Callable[[int, int], None] | None,
-    record: dict[str, Any],
+    record: Callable[[], dict[str, Any]],
 ) -> None:
-    """Write the NXdata volume slab by slab, then the provenance record."""
+    """Write the NXdata volume slab by slab, then the provenance record (made once the slabs are in)."""
     with h5py.File(partial, "w-") as out:
         entry = out.create_group("entry")
         entry.attrs["NX_class"] = "NXentry"
@@ -396,7 +408,7 @@ def _write_volume(
         process.attrs["NX_class"] = "NXprocess"
         process.create_dataset("program", data="corrflow reconstruct (FBP)")
         process.create_dataset("version", data=corrflow.__version__)
-        process.create_dataset("provenance", data=json.dumps(record))
+        process.create_dataset("provenance", data=json.dumps(record()))
 
 
 def read_provenance(volume_path: Path) -> dict[str, Any]:
