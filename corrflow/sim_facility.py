@@ -354,7 +354,15 @@ class SimFacility:
         counts = {}
         with patched_environ(self.client_environment()):
             for name in names if names is not None else list(self._processes):
-                counts[name] = int(read(self.ready_pv(name), timeout=2.0).data[0])
+                # caproto's sync client sends one UDP search and never repeats it (a CA client library
+                # does): a datagram lost on a busy machine is retried here, not reported as a count.
+                for attempt in range(3):
+                    try:
+                        counts[name] = int(read(self.ready_pv(name), timeout=2.0).data[0])
+                        break
+                    except TimeoutError:
+                        if attempt == 2 or not self.is_running(name):
+                            raise
         return counts
 
     def describe(self) -> str:
