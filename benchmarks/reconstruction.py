@@ -258,7 +258,7 @@ def paganin_case(*, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def dask_scaling_case(*, quick: bool, chunk_rows: int | None = None) -> list[dict]:
+def dask_scaling_case(*, quick: bool) -> list[dict]:
     """The reconstruction flow's slabs on a local Dask cluster of 1 then 2 worker processes (one thread each).
 
     The scan is simulated (Beer-Lambert frames of the phantom, written as NXtomo). Each cluster is
@@ -294,8 +294,7 @@ def dask_scaling_case(*, quick: bool, chunk_rows: int | None = None) -> list[dic
         from corrflow.simulators.xray import XrayDetectorModel
         from corrflow.volume import reconstruct_nxtomo, reconstruct_slab
 
-        rows_px, cols_px, n_proj, default_chunk = (32, 256, 360, 8) if quick else (128, 512, 720, 32)
-        chunk_rows = chunk_rows or default_chunk
+        rows_px, cols_px, n_proj, chunk_rows = (32, 256, 360, 8) if quick else (128, 512, 720, 32)
         pixel_um = 2048.0 / cols_px  # a 2 mm field of view over the 0.8 mm sample
         model = XrayDetectorModel(shape_px=(rows_px, cols_px), pixel_size_um=pixel_um, incident_photons_per_s=2e5, seed=1)
         phantom = make_phantom(seed=1, height_um=rows_px * pixel_um * 0.9)
@@ -327,7 +326,7 @@ def dask_scaling_case(*, quick: bool, chunk_rows: int | None = None) -> list[dic
             return time.perf_counter() - start
 
         def on_cluster(cluster: Any, workers: int) -> float:
-            compute = ComputeSettings(dask_address=cluster.scheduler_address, dask_workers=workers)
+            compute = ComputeSettings(dask_address=cluster.scheduler_address)  # workers: the cluster's own
             output = Path(tmp) / f"volume_{workers}_{next(counter)}.nxs"
             return reconstruct_on_dask(Sample(name="bench"), raw, output, "bench", parameters, compute).seconds
 

@@ -3,12 +3,13 @@
 The flow runs with a prefect-dask ``DaskTaskRunner``: a local cluster by default
 (``settings.compute.dask_workers`` processes, see :mod:`corrflow.dask_cluster`), or an existing
 cluster at ``settings.compute.dask_address``. The slabs of detector rows go to that cluster as plain
-Dask futures through the runner's Dask client, not as one Prefect task each: a Prefect task run costs ~0.25 s of CPU across the flow process, the worker and the API server
-(measured: 40 empty tasks on this 2-core machine), which a 2048-row detector in 8-row slabs would pay
-256 times, and on a busy node that CPU is taken from the reconstruction. The dashboard follows the
-flow run and its progress messages instead. Each slab reads its own rows from the NXtomo file; the
-flow writes the slabs in order as they come back, with at most two per worker in flight (bounded
-memory, see corrflow/volume.py).
+Dask futures through the runner's Dask client, not as one Prefect task each: a Prefect task run
+costs ~0.25 s of CPU across the flow process, the worker and the API server (measured: 40 empty
+tasks on this 2-core machine), which a 2048-row detector in 8-row slabs would pay 256 times, and on
+a busy node that CPU is taken from the reconstruction. The dashboard follows the flow run and its
+progress messages instead. Each slab reads its own rows from the NXtomo file; the flow writes the
+slabs in order as they come back, with at most two per worker thread in flight (bounded memory, see
+corrflow/volume.py).
 """
 
 from __future__ import annotations
