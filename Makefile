@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install demo test test-fast bench clean
 
-# (Re)install when pyproject.toml changes. pip resolves the pins in pyproject.toml (STACK.md).
+# (Re)install when pyproject.toml changes. pip resolves the pins in pyproject.toml (docs/STACK.md).
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "corrflow needs Python >= 3.11")'
 	@# The SFTP transfer tests start a real sshd on loopback (Debian's openssh-server).

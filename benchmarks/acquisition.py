@@ -5,7 +5,7 @@ Run from the project root::
     python -m benchmarks.acquisition            # 500 events, 150 frames of 1024 x 1024, best of 5
     python -m benchmarks.acquisition --quick    # 200 events, 60 frames, best of 3 (about a minute)
 
-Cases (shared/DESIGN.md, "Benchmarks convention")
+Cases (the "Benchmarks convention" of benchmarks/__init__.py)
 -------------------------------------------------
 ``event_overhead``  ``seconds`` = wall time per event of ``bluesky.plans.count`` (no delay), one
     RunEngine per row, all in this process:
@@ -30,7 +30,7 @@ Cases (shared/DESIGN.md, "Benchmarks convention")
     - ``h5py append+flush``: what a live detector file needs (extendable, one chunk per frame,
       flushed so a reader sees every frame at once);
     - ``corrflow HDF5FrameWriter``: the one SWMR writer of the simulated detectors and the detector
-      IOC (``corrflow/hdf5_frames.py``), as configured by default: each frame written as its chunk,
+      IOC (``corrflow/formats/hdf5_frames.py``), as configured by default: each frame written as its chunk,
       the file flushed every 0.5 s and before frames are announced (areaDetector's
       ``NumFramesFlush``/``FlushNow``), and at close;
     - ``corrflow HDF5FrameWriter, flush every frame``: the same, flushed after every frame;
@@ -78,8 +78,8 @@ def _per_event_seconds(readables: list[Any], *, num: int, repeats: int, callback
 
 @contextlib.contextmanager
 def _catalog(root: Path) -> Iterator[Callable[..., Any]]:
-    from corrflow.catalog import open_catalog, tiled_writer
-    from corrflow.settings import load_settings
+    from corrflow.catalog.tiled import open_catalog, tiled_writer
+    from corrflow.config.settings import load_settings
 
     settings = load_settings(data_root=root)
     settings.ensure_directories()
@@ -90,7 +90,7 @@ def _catalog(root: Path) -> Iterator[Callable[..., Any]]:
 @contextlib.contextmanager
 def _epics_beamline(root: Path) -> Iterator[Any]:
     """The simulated facility's IOCs and the EPICS beamline on them (this process's CA set up first)."""
-    from corrflow.sim_facility import SimFacility
+    from corrflow.operations.sim_facility import SimFacility
 
     prefix = f"CFB{uuid.uuid4().hex[:6].upper()}:"
     facility = SimFacility(beamline_prefix=f"{prefix}BL:", microscope_prefix=f"{prefix}SEM:", speed=20.0, heater_time_scale=50.0)
@@ -98,7 +98,7 @@ def _epics_beamline(root: Path) -> Iterator[Any]:
     with facility:
         facility.start(["stage", "heater", "source", "xray-detector"])
         from corrflow.devices.beamline import build_beamline
-        from corrflow.settings import load_settings
+        from corrflow.config.settings import load_settings
 
         settings = load_settings(data_root=root, beamline={"mode": "epics", "epics_prefix": f"{prefix}BL:"})
         yield build_beamline(settings)
@@ -109,7 +109,7 @@ def event_overhead_rows(*, num: int, repeats: int, root: Path) -> list[dict[str,
     from ophyd.sim import motor as det_motor
 
     from corrflow.devices.beamline import build_beamline
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
     from corrflow.simulators import SimulatedWorld
 
     settings = load_settings(data_root=root / "sim")
@@ -165,7 +165,7 @@ def _h5py_append_flush(path: Path, frames: np.ndarray) -> None:
 
 def _corrflow_writer(path: Path, frames: np.ndarray, *, attribute_names: tuple[str, ...] = (),
                      flush_interval_s: float | None = None) -> None:
-    from corrflow.hdf5_frames import DEFAULT_FLUSH_INTERVAL_S, HDF5FrameWriter
+    from corrflow.formats.hdf5_frames import DEFAULT_FLUSH_INTERVAL_S, HDF5FrameWriter
 
     interval = DEFAULT_FLUSH_INTERVAL_S if flush_interval_s is None else flush_interval_s
     writer = HDF5FrameWriter(path, frame_shape=frames.shape[1:], dtype=frames.dtype, attribute_names=attribute_names,

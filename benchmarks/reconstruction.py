@@ -5,7 +5,7 @@ Run from the project root::
     python -m benchmarks.reconstruction            # best of 5
     python -m benchmarks.reconstruction --quick    # best of 2, no NumPy-fallback rows (~2 min on 2 cores)
 
-Cases (shared/DESIGN.md, "Benchmarks convention")
+Cases (the "Benchmarks convention" of benchmarks/__init__.py)
 -------------------------------------------------
 ``fbp_512``  512² slice from 720 projections over 180°; ``fbp_1024``  1024² from 1440.
     Input: the ANALYTIC sinogram of a high-contrast Shepp-Logan-like ellipse phantom (closed-form chord
@@ -262,7 +262,7 @@ def dask_scaling_case(*, quick: bool) -> list[dict]:
     """The reconstruction flow's slabs on a local Dask cluster of 1 then 2 worker processes (one thread each).
 
     The scan is simulated (Beer-Lambert frames of the phantom, written as NXtomo). Each cluster is
-    started once (:func:`corrflow.dask_cluster.local_cluster`, as the flow makes it) and warmed by one
+    started once (:func:`corrflow.compute.dask_cluster.local_cluster`, as the flow makes it) and warmed by one
     untimed reconstruction (worker imports, numba cache load), as a facility's standing cluster would
     be (``settings.compute.dask_address``); the timed runs are the whole flow body: input sha256,
     reading, normalizing, FBP and writing. The same scan reconstructed in this process on one thread,
@@ -285,14 +285,14 @@ def dask_scaling_case(*, quick: bool) -> list[dict]:
         # The ephemeral Prefect API starts (below) while this 2-core machine may still be busy.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-        from corrflow.dask_cluster import local_cluster
+        from corrflow.compute.dask_cluster import local_cluster
         from corrflow.flows.models import ReconstructionParameters, Sample
         from corrflow.flows.reconstruct import reconstruct_on_dask
-        from corrflow.nexus import write_nxtomo
-        from corrflow.settings import ComputeSettings
+        from corrflow.formats.nexus import write_nxtomo
+        from corrflow.config.settings import ComputeSettings
         from corrflow.simulators import make_phantom, xray_frame
         from corrflow.simulators.xray import XrayDetectorModel
-        from corrflow.volume import reconstruct_nxtomo, reconstruct_slab
+        from corrflow.compute.volume import reconstruct_nxtomo, reconstruct_slab
 
         rows_px, cols_px, n_proj, chunk_rows = (32, 256, 360, 8) if quick else (128, 512, 720, 32)
         pixel_um = 2048.0 / cols_px  # a 2 mm field of view over the 0.8 mm sample

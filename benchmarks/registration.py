@@ -5,7 +5,7 @@ Run from the project root::
     python -m benchmarks.registration            # >= 50 random cases per accuracy kind (~15-20 min on 2 cores)
     python -m benchmarks.registration --quick    # 10 cases per kind (translation 50), best of 2 (~4 min)
 
-Speed cases (shared/DESIGN.md, "Benchmarks convention"; best of N wall time on one input, after one
+Speed cases (the "Benchmarks convention" of benchmarks/__init__.py; best of N wall time on one input, after one
 untimed warm-up call)
 ------------------------------------------------------------------------------------------------------
 ``translation_512``
@@ -14,7 +14,7 @@ untimed warm-up call)
     (SNR = std(signal) / std(noise)). ``error_px`` = |estimated - true shift|. Implementations:
     ``corrflow.phase_correlation_shift``; scikit-image ``phase_cross_correlation(upsample_factor=100)``
     with its default (``normalization="phase"``) and tuned (mean removed, Hann window,
-    ``normalization=None``, as STACK.md recommends).
+    ``normalization=None``, as docs/STACK.md recommends).
 ``rigid_mi_512``
     Multimodal: a 512² X-ray slice (attenuation of the analytic phantom's section, 1.6 µm pixels, noise
     SNR ~10) as fixed image and a 512² simulated backscatter micrograph of the same plane (1.17 µm pixels,
@@ -24,7 +24,7 @@ untimed warm-up call)
     ``error_deg`` = rotation error. Implementations: ``corrflow.register_intensity(model="rigid")``;
     SimpleITK Euler2D + Mattes MI with the settings of its registration notebooks (geometric-centre
     initialisation, 50 bins, 1 % random samples, gradient descent, pyramid 4-2-1) ("default"), with
-    the STACK.md settings (all samples, 32 bins, regular-step descent) ("tuned"), and the tuned one
+    the docs/STACK.md settings (all samples, 32 bins, regular-step descent) ("tuned"), and the tuned one
     started near the TRUE transform (2 deg, 10 um in x and y, 1 % in scale off): not available to a user,
     it isolates refinement precision and speed from the capture problem of the geometric-centre start.
 
@@ -236,7 +236,7 @@ def simpleitk_default(case: scenes.SectionCase, *, model: str) -> NDArray[np.flo
 
 
 def simpleitk_tuned(case: scenes.SectionCase, *, model: str) -> NDArray[np.float64]:
-    """SimpleITK with the STACK.md settings: every pixel, 32 bins, regular-step descent, pyramid 4-2-1."""
+    """SimpleITK with the docs/STACK.md settings: every pixel, 32 bins, regular-step descent, pyramid 4-2-1."""
     fixed = _itk_image(case.slice_image, case.slice_pixel_um, np.zeros(2))
     moving = _itk_image(case.micrograph, case.micrograph_pixel_um, case.stage_um)
     kind = sitk.Euler2DTransform() if model == "rigid" else sitk.Similarity2DTransform()
@@ -303,7 +303,7 @@ def corrflow_intensity_result(case: scenes.SectionCase, *, model: str, raise_on_
 MI_IMPLEMENTATIONS = {
     "corrflow.register_intensity": corrflow_intensity,
     "SimpleITK Mattes MI (notebook defaults)": simpleitk_default,
-    "SimpleITK Mattes MI (tuned, STACK.md)": simpleitk_tuned,
+    "SimpleITK Mattes MI (tuned, docs/STACK.md)": simpleitk_tuned,
     "SimpleITK Mattes MI (tuned, started near the truth: 2 deg, 14 um off)": simpleitk_near_truth,
 }
 

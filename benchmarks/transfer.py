@@ -5,7 +5,7 @@ Run from the project root::
     python -m benchmarks.transfer            # 2 GB, best of 3; SFTP and latency cases
     python -m benchmarks.transfer --quick    # 1 GB, best of 2; SFTP 256 MB; latency 2 triggers (~4 min)
 
-Cases (shared/DESIGN.md, "Benchmarks convention")
+Cases (the "Benchmarks convention" of benchmarks/__init__.py)
 -------------------------------------------------
 ``verified_copy``  a tree of detector-sized files (256 MB each, random bytes), >= 1 GB in all, copied
     to a fresh directory on the same disk. Field ``throughput_MBps`` (MB = 1e6 bytes). Rows:
@@ -75,7 +75,7 @@ def _fsync(path: Path) -> None:
 
 
 def _verified_copy_case(work: Path, total_bytes: int, repeats: int) -> list[dict[str, Any]]:
-    from corrflow.transfer import transfer_files
+    from corrflow.transfer.verified import transfer_files
 
     source = work / "beamline"
     files = _make_tree(source, total_bytes)
@@ -171,7 +171,7 @@ def _sftp_case(work: Path, total_bytes: int, repeats: int) -> list[dict[str, Any
 
     import paramiko
 
-    from corrflow.transfer_backends import SFTPSource, pull_files
+    from corrflow.transfer.backends import SFTPSource, pull_files
 
     source = work / "sftp-source"
     block = 16 * 1024 * 1024
@@ -223,7 +223,7 @@ def _sftp_case(work: Path, total_bytes: int, repeats: int) -> list[dict[str, Any
 
 def _latency_case(work: Path, triggers: int) -> list[dict[str, Any]]:
     """Trigger-to-running through a real Prefect server on PostgreSQL and a process worker."""
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
 
     suffix = uuid.uuid4().hex[:8]
     settings = load_settings(
@@ -237,7 +237,7 @@ def _latency_case(work: Path, triggers: int) -> list[dict[str, Any]]:
         },
     )
     settings.ensure_directories()
-    from corrflow.server import drop_database, prefect_api_url, start_prefect_server, start_worker
+    from corrflow.operations.server import drop_database, prefect_api_url, start_prefect_server, start_worker
 
     rows = []
     server = start_prefect_server(settings)
@@ -245,7 +245,7 @@ def _latency_case(work: Path, triggers: int) -> list[dict[str, Any]]:
         import prefect.settings as ps
 
         with ps.temporary_settings(updates={ps.PREFECT_API_URL: prefect_api_url(settings)}):
-            from corrflow.deploy import bootstrap
+            from corrflow.operations.deploy import bootstrap
             from corrflow.deployments import load_site
 
             bootstrap(settings, sites=(load_site("beamline"),))

@@ -1,7 +1,7 @@
 """Deployments per site: one YAML file per site (``beamline.yaml``, ``compute.yaml``, ``microscope.yaml``).
 
 The files hold only data (which flows a site runs, their default parameters, tags and schedules);
-:func:`load_site` turns a file into typed :class:`SiteSpec` objects and :mod:`corrflow.deploy`
+:func:`load_site` turns a file into typed :class:`SiteSpec` objects and :mod:`corrflow.operations.deploy`
 applies them to a Prefect server. Entry points are module paths (``corrflow.flows.chain:tomography``),
 never file paths, so a worker started in any working directory finds them in the installed package.
 
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from corrflow.settings import SITES, Site
+from corrflow.config.settings import SITES, Site
 
 __all__ = ["DeploymentSpec", "ScheduleSpec", "SiteSpec", "all_sites", "deployment_path", "load_site"]
 

@@ -29,7 +29,7 @@ from corrflow.devices.epics_stage import EpicsSampleStage
 from corrflow.devices.heater import Heater
 from corrflow.devices.shutter import Shutter
 from corrflow.devices.stage import SampleStage
-from corrflow.settings import Settings
+from corrflow.config.settings import Settings
 from corrflow.simulators.world import SimulatedWorld
 
 __all__ = ["Beamline", "build_beamline", "connect_devices", "SIMULATED_FACILITY"]

@@ -8,7 +8,7 @@ It implements bluesky's ``WritesStreamAssets`` protocol the way ophyd-async's HD
   chunk, in SWMR mode so readers (Tiled) can open it while frames arrive;
 - ``trigger()`` exposes for ``exposure_s`` simulated seconds on a background thread, computes one
   frame (subclasses: :meth:`StreamingDetector._acquire_frame`) and appends it
-  (:class:`corrflow.hdf5_frames.HDF5FrameWriter`, flushed before each StreamDatum announces it);
+  (:class:`corrflow.formats.hdf5_frames.HDF5FrameWriter`, flushed before each StreamDatum announces it);
 - ``describe()`` declares the image data key as ``"external": "STREAM:"``; ``read()`` holds only
   scalars (the frame number), never the image;
 - ``collect_asset_docs()`` yields one ``stream_resource`` per staged file, then one
@@ -36,7 +36,7 @@ from ophyd.status import DeviceStatus
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, positive_finite
 from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, HDF5_MIMETYPE, stream_asset_docs
-from corrflow.hdf5_frames import HDF5FrameWriter
+from corrflow.formats.hdf5_frames import HDF5FrameWriter
 
 __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter", "StreamingDetector", "fly_request", "new_uid"]
 

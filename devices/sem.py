@@ -18,7 +18,7 @@ from corrflow.devices.epics_detector import EpicsMicroscopeDetector
 from corrflow.devices.epics_stage import EpicsMicroscopeStage
 from corrflow.devices.microscope import MicroscopeDetector
 from corrflow.devices.stage import MicroscopeStage
-from corrflow.settings import Settings
+from corrflow.config.settings import Settings
 from corrflow.simulators.world import SimulatedWorld
 
 __all__ = ["Microscope", "build_microscope", "SIMULATED_MICROSCOPY_FACILITY"]

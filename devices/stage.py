@@ -1,6 +1,6 @@
 """Sample stages of the two instruments, declared once as ophyd devices of simulated axes.
 
-Frames (see INTERFACES.md): the beamline ``SampleStage`` translates the sample in the lab frame
+Frames (see docs/GEOMETRY.md): the beamline ``SampleStage`` translates the sample in the lab frame
 (x, y horizontal, the beam along +y, z up) and rotates it counter-clockwise seen from +z about
 the vertical rotation axis; ``tip``/``tilt`` level the rotation axis (recorded, not simulated:
 the simulated axis is aligned). The ``MicroscopeStage`` moves the sample under the beam of the

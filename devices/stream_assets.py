@@ -13,7 +13,7 @@ from pathlib import Path
 
 from event_model import StreamDatum, StreamRange, StreamResource
 
-from corrflow.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH
+from corrflow.formats.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH
 
 __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "stream_asset_docs"]
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from corrflow.settings import Settings, load_settings
+from corrflow.config.settings import Settings, active_settings
 
 
 def flow_settings() -> Settings:
-    """Settings for a flow run, validated from the environment / YAML of the process running it.
-
-    A worker at another facility validates its own settings; the dashboard never sends them.
-    """
-    settings = load_settings()
+    """Settings for a flow run: those its runner activated, else validated from the environment and
+    the YAML file of the process running it (a worker at another facility validates its own
+    settings; the dashboard never sends them)."""
+    settings = active_settings()
     settings.ensure_directories()
     return settings
 

@@ -14,20 +14,20 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from corrflow.cancellation import run_abortable
-from corrflow.catalog import external_file_paths, open_catalog, tiled_writer
-from corrflow.catalog_filters import with_view_sources
+from corrflow.acquisition.cancellation import run_abortable
+from corrflow.catalog.tiled import external_file_paths, open_catalog, tiled_writer
+from corrflow.catalog.filters import with_view_sources
 from corrflow.devices.beamline import Beamline, build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import AcquisitionResult, MicrographParameters, Sample, TomographyParameters
-from corrflow.nexus import write_nxtomo
+from corrflow.formats.nexus import write_nxtomo
 from corrflow.plans.metadata import SampleInfo
 from corrflow.plans.microscopy import micrograph
 from corrflow.plans.tomography import tomo_scan
-from corrflow.reconcile import reconcile_runs
-from corrflow.runengine import EventCounter, make_run_engine
-from corrflow.settings import Settings
+from corrflow.catalog.reconcile import reconcile_runs
+from corrflow.acquisition.runengine import EventCounter, make_run_engine
+from corrflow.config.settings import Settings
 from corrflow.simulators.world import SimulatedWorld
 
 IMAGE_KEYS = {"dark": 2, "flat": 1, "primary": 0}
@@ -61,7 +61,7 @@ def _check_success(run: Any) -> None:
 def close_lost_runs(catalog: Any, instrument: str) -> list[str]:
     """Close this instrument's runs left without a stop document by a dead process; returns their uids.
 
-    Runs before each acquisition (see :mod:`corrflow.reconcile`): a run whose worker died is
+    Runs before each acquisition (see :mod:`corrflow.catalog.reconcile`): a run whose worker died is
     marked ``exit_status="fail"`` with the reason, so nobody mistakes it for one still going.
     """
     closed = [entry for entry in reconcile_runs(catalog, instrument=instrument) if entry.action == "closed"]

@@ -17,7 +17,7 @@ beamline is free for the next sample while the compute facility reconstructs.
 
 The stage functions are those of ``corrflow.flows``: transfer, reconstruct, ship-volume and
 register run as sub-flows; the acquisitions call ``run_tomography`` / ``run_micrograph`` (what the
-acquire flows wrap) through :func:`corrflow.cancellation.run_abortable`, so that cancelling the
+acquire flows wrap) through :func:`corrflow.acquisition.cancellation.run_abortable`, so that cancelling the
 run aborts the RunEngine cleanly (see there). Nothing is re-implemented.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from corrflow.cancellation import run_abortable
+from corrflow.acquisition.cancellation import run_abortable
 from corrflow.deployments import deployment_path
 from corrflow.flows._common import flow_settings
 from corrflow.flows.acquire import run_micrograph, run_tomography
@@ -36,8 +36,8 @@ from corrflow.flows.models import MicrographParameters, ReconstructionParameters
 from corrflow.flows.reconstruct import reconstruct
 from corrflow.flows.register import register
 from corrflow.flows.transfer import ship_volume, transfer
-from corrflow.queue import instrument_slot
-from corrflow.settings import Site, load_settings
+from corrflow.operations.queue import instrument_slot
+from corrflow.config.settings import Site, load_settings
 
 Stage = Literal["transfer-reconstruct", "micrograph-register"]
 #: stage -> (flow name, site whose pool runs it)

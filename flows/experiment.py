@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 import corrflow
-from corrflow import ground_truth, progress
+from corrflow.report import ground_truth, progress
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.acquire import acquire_micrograph, acquire_tomography
 from corrflow.flows.handoff import HandoffResult, RoiRequest, roi_handoff
@@ -37,8 +37,8 @@ from corrflow.flows.reconstruct import reconstruct
 from corrflow.flows.register import load_micrograph, register
 from corrflow.flows.transfer import ShippedVolume, ship_volume, transfer
 from corrflow.processing.section_height import micrograph_on_slice_grid
-from corrflow.report import write_report
-from corrflow.settings import Settings
+from corrflow.report.png import write_report
+from corrflow.config.settings import Settings
 from corrflow.simulators.world import SimulatedWorld
 
 

@@ -1,4 +1,4 @@
-"""Prefect side of the experiment queue (:mod:`corrflow.queue`): dispatcher and enqueue flows.
+"""Prefect side of the experiment queue (:mod:`corrflow.operations.queue`): dispatcher and enqueue flows.
 
 * ``dispatch-queue/<site>``: runs the site instrument's queued experiments one at a time while
   holding the instrument's leased slot. Triggered on every submit, and by a slow schedule as a
@@ -18,8 +18,8 @@ from corrflow.flows._common import flow_settings
 from corrflow.flows.acquire import acquire_micrograph
 from corrflow.flows.chain import tomography_chain
 from corrflow.flows.models import Sample
-from corrflow.queue import ExperimentQueue, QueueEntry, QueueError, dispatch
-from corrflow.settings import Settings, Site
+from corrflow.operations.queue import ExperimentQueue, QueueEntry, QueueError, dispatch
+from corrflow.config.settings import Settings, Site
 
 #: plan name -> (site whose instrument runs it, flow run for it; the flow takes ``sample`` + parameters)
 PLANS: dict[str, tuple[Site, Any]] = {

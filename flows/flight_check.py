@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from corrflow.flows._common import flow_settings
-from corrflow.settings import Settings, Site
+from corrflow.config.settings import Settings, Site
 
 PROBE_DIR = ".flight-check"
 
@@ -52,7 +52,7 @@ def check_storage(settings: Settings, site: Site, *, size_bytes: int = 1_000_000
     try:
         probe, expected = _write_probe(probe_dir, size_bytes)
         if site == "beamline":
-            from corrflow.transfer_backends import transfer_run_files
+            from corrflow.transfer.backends import transfer_run_files
 
             destination = settings.compute_storage / PROBE_DIR / stamp
             created.append(destination)
@@ -77,7 +77,7 @@ def check_storage(settings: Settings, site: Site, *, size_bytes: int = 1_000_000
 
 def check_catalog(settings: Settings) -> int:
     """The catalog answers and lists its runs; returns how many it holds."""
-    from corrflow.catalog import open_catalog
+    from corrflow.catalog.tiled import open_catalog
 
     try:
         with open_catalog(settings) as catalog:

@@ -21,7 +21,7 @@ import numpy as np
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from corrflow import progress
+from corrflow.report import progress
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.acquire import run_micrograph
 from corrflow.flows.models import MicrographParameters, RegistrationSummary, Sample
@@ -30,7 +30,7 @@ from corrflow.processing import transforms
 from corrflow.processing.registration import RegistrationError, detect_fiducials
 from corrflow.processing.roi import microscope_target
 from corrflow.processing.volume_features import VolumeFeature, detect_volume_features
-from corrflow.settings import Settings
+from corrflow.config.settings import Settings
 
 
 class HandoffError(RuntimeError):

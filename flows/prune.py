@@ -22,7 +22,8 @@ from typing import Any, Literal
 from prefect import flow
 
 from corrflow.flows._common import flow_settings
-from corrflow.transfer import MANIFEST_NAME, sha256_file
+from corrflow.formats.checksums import sha256_file
+from corrflow.transfer.verified import MANIFEST_NAME
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Reconstruction flow: NXtomo -> normalize -> centre -> FBP -> volume with provenance.
 
 The flow runs with a prefect-dask ``DaskTaskRunner``: a local cluster by default
-(``settings.compute.dask_workers`` processes, see :mod:`corrflow.dask_cluster`), or an existing
+(``settings.compute.dask_workers`` processes, see :mod:`corrflow.compute.dask_cluster`), or an existing
 cluster at ``settings.compute.dask_address``. The slabs of detector rows go to that cluster as plain
 Dask futures through the runner's Dask client, not as one Prefect task each: a Prefect task run
 costs ~0.25 s of CPU across the flow process, the worker and the API server (measured: 40 empty
@@ -9,7 +9,7 @@ tasks on this 2-core machine), which a 2048-row detector in 8-row slabs would pa
 a busy node that CPU is taken from the reconstruction. The dashboard follows the flow run and its
 progress messages instead. Each slab reads its own rows from the NXtomo file; the flow writes the
 slabs in order as they come back, with at most two per worker thread in flight (bounded memory, see
-corrflow/volume.py).
+corrflow/compute/volume.py).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from prefect import flow
 
-from corrflow import progress
-from corrflow.catalog import open_catalog, register_product
-from corrflow.dask_cluster import local_cluster
+from corrflow.report import progress
+from corrflow.catalog.tiled import open_catalog, register_product
+from corrflow.compute.dask_cluster import local_cluster
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import ReconstructionParameters, ReconstructionResult, Sample
-from corrflow.settings import ComputeSettings
-from corrflow.volume import SlabJob, VolumeProduct, read_provenance, reconstruct_nxtomo, reconstruct_slab
+from corrflow.config.settings import ComputeSettings
+from corrflow.compute.volume import SlabJob, VolumeProduct, read_provenance, reconstruct_nxtomo, reconstruct_slab
 
 
 def dask_slabs(client, max_in_flight: int):

@@ -15,14 +15,14 @@ import numpy as np
 from numpy.typing import NDArray
 from prefect import flow
 
-from corrflow import progress
-from corrflow.catalog import open_catalog
+from corrflow.report import progress
+from corrflow.catalog.tiled import open_catalog
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import MicrographParameters, RegistrationSummary, Sample
 from corrflow.processing import transforms
 from corrflow.processing.registration import RegistrationError, RegistrationResult, register_microscope_to_slice
 from corrflow.processing.section_height import estimate_section_height, micrograph_on_slice_grid
-from corrflow.settings import Settings
+from corrflow.config.settings import Settings
 
 
 @dataclass(frozen=True)

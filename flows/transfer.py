@@ -1,4 +1,4 @@
-"""Transfer flows, every file sha256-verified (:mod:`corrflow.transfer`):
+"""Transfer flows, every file sha256-verified (:mod:`corrflow.transfer.verified`):
 
 - :func:`transfer`: a run's raw files, beamline storage -> compute facility;
 - :func:`ship_volume`: a reconstructed volume (its provenance inside), compute facility ->
@@ -14,11 +14,11 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from corrflow import progress
+from corrflow.report import progress
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import Sample, TransferResult
-from corrflow.settings import Settings
-from corrflow.transfer import TransferError, transfer_files
+from corrflow.config.settings import Settings
+from corrflow.transfer.verified import TransferError, transfer_files
 
 #: Manifest of a shipped volume, beside it at the microscope site.
 VOLUME_MANIFEST = "volume-manifest.json"
@@ -32,7 +32,7 @@ def transfer(sample: Sample, files: list[Path], run_uid: str) -> TransferResult:
     ``<compute_storage>/<run_uid>/``; a manifest of sizes and hashes is written last.
     ``files`` are absolute paths under the beamline storage, or paths relative to it (as another
     facility passes them). ``settings.transfer.backend`` picks how the bytes travel: a mounted
-    filesystem (``local``), SSH/SFTP or Globus (:mod:`corrflow.transfer_backends`).
+    filesystem (``local``), SSH/SFTP or Globus (:mod:`corrflow.transfer.backends`).
     """
     settings = flow_settings()
     destination = settings.compute_storage / run_uid
@@ -45,7 +45,7 @@ def transfer(sample: Sample, files: list[Path], run_uid: str) -> TransferResult:
             destination_root=destination,
         )
     else:
-        from corrflow.transfer_backends import transfer_run_files
+        from corrflow.transfer.backends import transfer_run_files
 
         relative = [
             str(Path(f).relative_to(settings.beamline_storage)) if Path(f).is_absolute() else str(f) for f in files
@@ -77,7 +77,7 @@ class ShippedVolume(BaseModel):
 def ship_volume_to_microscope(settings: Settings, run_uid: str, volume_path: Path) -> ShippedVolume:
     """Copy ``volume_path`` to ``<microscope_storage>/<run_uid>/``, verify it, record it in the catalog.
 
-    The copy is made and verified by :func:`corrflow.transfer.transfer_files` (``.part`` file,
+    The copy is made and verified by :func:`corrflow.transfer.verified.transfer_files` (``.part`` file,
     byte-for-byte read-back, atomic rename; an identical copy already there is kept, a different
     one re-sent), then the catalog product ``/processed/<run_uid>-volume`` gets ``locations``:
     the compute and the microscope path, each with the sha256. The volume's provenance travels
@@ -99,7 +99,7 @@ def ship_volume_to_microscope(settings: Settings, run_uid: str, volume_path: Pat
     KeyError
         The catalog has no product ``<run_uid>-volume`` (the reconstruction registers it).
     """
-    from corrflow.catalog import open_catalog
+    from corrflow.catalog.tiled import open_catalog
 
     compute_root = settings.compute_storage.resolve()
     source = Path(volume_path) if Path(volume_path).is_absolute() else compute_root / volume_path

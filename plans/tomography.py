@@ -23,7 +23,7 @@ two half turns then see opposite halves of the sample, and a sample up to about
 ``2 * (detector width - overlap / 2)`` wide is reconstructed (:mod:`corrflow.processing.sinogram360`).
 The offset is recorded in ``settings`` (``axis_offset_um``, ``rotation_range_deg``, ``field_of_view``,
 ``nominal_overlap_px``), in every projection's ``x_translation`` and, through
-:func:`corrflow.nexus.write_nxtomo_from_documents`, in the NXtomo file.
+:func:`corrflow.formats.nexus.write_nxtomo_from_documents`, in the NXtomo file.
 
 Every event also holds the stage's rotation angle and translations (the geometry of that frame),
 the shutter state and, on a beamline with a heater, the measured sample temperature. Whatever happens, the plan ends with the shutter closed and the stage back

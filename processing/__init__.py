@@ -2,7 +2,7 @@
 
 Every function is pure (no I/O, no global state), takes options as keywords, validates its inputs at
 the edge (``ValueError`` naming the argument) and returns float32 images by default. Geometry follows
-INTERFACES.md ("Geometry conventions"): detector column ``j`` at ``u_j = (j - c) * pixel``, ``c`` the
+docs/GEOMETRY.md ("Geometry conventions"): detector column ``j`` at ``u_j = (j - c) * pixel``, ``c`` the
 rotation-axis column; slices ``slice[iy, ix]`` at ``x = (ix - (n-1)/2) * voxel``,
 ``y = (iy - (n-1)/2) * voxel``; volumes ``(z, y, x)``; attenuation in 1/mm.
 

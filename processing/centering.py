@@ -1,6 +1,6 @@
 """Automatic rotation-centre finding from opposed (θ, θ + 180°) projections.
 
-In the contract's geometry (INTERFACES.md) a parallel-beam projection satisfies
+In the contract's geometry (docs/GEOMETRY.md) a parallel-beam projection satisfies
 ``p(θ + 180°, u) = p(θ, -u)`` with ``u = (j - c) * pixel``: the opposed projection is the mirror image
 of the first about the rotation-axis column ``c``. Flipping the opposed projection left-right
 (``j -> n_cols - 1 - j``) therefore turns it into a copy of the first one shifted by
@@ -10,7 +10,7 @@ The cross-power spectra of all available pairs (and detector rows) are summed, t
 correlation is located on a zero-padded grid, and the peak is refined to ``1 / upsample`` px with a
 matrix-multiply DFT around it (Guizar-Sicairos et al., Opt. Lett. 33, 156 (2008)) plus a parabolic
 fit on the fine grid. The correlation is not phase-normalised: whitening amplifies noise and fails on
-band-limited, non-periodic data (STACK.md).
+band-limited, non-periodic data (docs/STACK.md).
 
 Alternatively (``method="vo"``), Vo, Atwood & Drakopoulos, Opt. Express 22, 19078 (2014): the
 0-180° sinogram and its mirror image, shifted for a candidate centre, are stacked into a 360° sinogram;

@@ -1,6 +1,6 @@
 """Filtered back-projection (parallel beam) in the corrflow geometry: direct and Fourier (gridrec-class).
 
-Geometry (INTERFACES.md, "Geometry conventions")
+Geometry (docs/GEOMETRY.md, "Geometry conventions")
 -----------------------------------------------
 * ``sinogram[k, j] = ∫ f(x, y) dt`` along ``x = u_j cosθ_k + t sinθ_k, y = -u_j sinθ_k + t cosθ_k``
   with ``u_j = (j - c) * pixel_size_um``; ``c`` (``center_px``) is the detector column of the rotation

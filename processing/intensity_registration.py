@@ -4,7 +4,7 @@ Conventions
 -----------
 * Images are ``(rows, cols)`` arrays. Pixel ``(r, c)`` of an image with pixel size ``px`` and centre
   ``(cx, cy)`` (µm) lies at the physical point ``(cx + (c - (cols-1)/2) px, cy + (r - (rows-1)/2) px)``:
-  the microscope-stage convention and the reconstructed-slice convention of INTERFACES.md (a slice has
+  the microscope-stage convention and the reconstructed-slice convention of docs/GEOMETRY.md (a slice has
   centre ``(0, 0)``, a micrograph centre ``(stage_x_um, stage_y_um)``).
 * The result's 3x3 ``matrix`` maps MOVING physical points to FIXED physical points,
   ``[x_f, y_f, 1] = M @ [x_m, y_m, 1]`` (:mod:`corrflow.processing.registration`'s convention); with the

@@ -7,7 +7,7 @@ Conventions
 * Physical points are ``(x, y)`` in micrometres. A micrograph pixel ``(r, c)`` images the
   microscope-stage point ``(stage_x_um + (c - (cols-1)/2) * px, stage_y_um + (r - (rows-1)/2) * px)``;
   a reconstructed-slice pixel ``[iy, ix]`` is the beamline-sample point
-  ``((ix - (nx-1)/2) * voxel, (iy - (ny-1)/2) * voxel, slice_z_um)`` (INTERFACES.md).
+  ``((ix - (nx-1)/2) * voxel, (iy - (ny-1)/2) * voxel, slice_z_um)`` (docs/GEOMETRY.md).
 * 2-D transforms are 3x3 homogeneous matrices mapping MOVING points to FIXED points,
   ``[x_f, y_f, 1] = M @ [x_m, y_m, 1]``; the 4x4 result follows :mod:`corrflow.processing.transforms`.
 

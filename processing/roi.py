@@ -258,7 +258,7 @@ def microscope_target(
     """Microscope stage position that centres a ``beamline_sample`` point in the micrograph.
 
     A micrograph taken at stage ``(sx, sy)`` has its centre pixel at the microscope-stage point
-    ``(sx, sy, 0)`` (INTERFACES.md), so the stage position is the point mapped by the inverse of
+    ``(sx, sy, 0)`` (docs/GEOMETRY.md), so the stage position is the point mapped by the inverse of
     ``sample_from_microscope``.
 
     Parameters

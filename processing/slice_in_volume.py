@@ -2,7 +2,7 @@
 
 Conventions
 -----------
-* The volume is ``(z, y, x)`` on the reconstruction grid of INTERFACES.md: voxel ``[k, iy, ix]`` is the
+* The volume is ``(z, y, x)`` on the reconstruction grid of docs/GEOMETRY.md: voxel ``[k, iy, ix]`` is the
   ``beamline_sample`` point ``((ix - (nx-1)/2) v, (iy - (ny-1)/2) v, (k - (nz-1)/2) v + z_offset_um)``.
 * The image is ``(rows, cols)``; pixel ``(r, c)`` is the image-frame point
   ``(cx + (c - (cols-1)/2) px, cy + (r - (rows-1)/2) px, 0)`` (for a micrograph: the microscope-stage

@@ -2,7 +2,7 @@
 
 Conventions
 -----------
-The volume is ``(z, y, x)`` on the reconstruction grid of INTERFACES.md: voxel ``[k, iy, ix]`` is the
+The volume is ``(z, y, x)`` on the reconstruction grid of docs/GEOMETRY.md: voxel ``[k, iy, ix]`` is the
 ``beamline_sample`` point ``((ix - (nx-1)/2) v, (iy - (ny-1)/2) v, (k - (nz-1)/2) v + z_offset_um)``, values
 are attenuation (1/mm). Centroids and sizes are returned in micrometres in that frame.
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from corrflow.processing.transforms import similarity
-from corrflow.settings import SimulationSettings
+from corrflow.config.settings import SimulationSettings
 from corrflow.simulators.heater import HeaterModel
 from corrflow.simulators.microscope import MicroscopeModel
 from corrflow.simulators.phantom import Phantom, make_phantom

@@ -29,7 +29,7 @@ def unique_db(prefix: str) -> str:
 
 def production_test_settings(data_root: Path, **server: Any):
     """Settings for a throw-away production deployment: random ports, unique databases."""
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
 
     server_settings = {
         "host": "127.0.0.1",
@@ -52,7 +52,7 @@ def production_test_settings(data_root: Path, **server: Any):
 
 
 def drop_test_databases(settings) -> None:
-    from corrflow.server import drop_database
+    from corrflow.operations.server import drop_database
 
     s = settings.server
     for name in (s.prefect_database, s.catalog_database, s.catalog_database + "_tables", s.catalog_database + "_auth"):
@@ -88,12 +88,12 @@ class SharedFacility:
     def __init__(self) -> None:
         import tempfile
 
-        from corrflow.server import prefect_api_url, start_prefect_server
+        from corrflow.operations.server import prefect_api_url, start_prefect_server
 
         self.data_root = Path(tempfile.mkdtemp(prefix="corrflow-facility-"))
         self.settings = production_test_settings(self.data_root)
         self.processes: dict[str, Any] = {}
-        from corrflow.server import ensure_queue_database
+        from corrflow.operations.server import ensure_queue_database
 
         ensure_queue_database(self.settings)
         self.processes["prefect"] = start_prefect_server(self.settings)
@@ -109,7 +109,7 @@ class SharedFacility:
         return cls._instance
 
     def bootstrap(self) -> None:
-        from corrflow.deploy import bootstrap
+        from corrflow.operations.deploy import bootstrap
 
         if not self.bootstrapped:
             with self.client():
@@ -121,7 +121,7 @@ class SharedFacility:
         return prefect_api(self.api_url, self.settings.server.prefect_auth_string)
 
     def ensure_tiled(self) -> None:
-        from corrflow.server import start_tiled_server
+        from corrflow.operations.server import start_tiled_server
 
         if "tiled" not in self.processes:
             self.processes["tiled"] = start_tiled_server(self.settings)

@@ -7,7 +7,7 @@ import pytest
 from corrflow.flows.acquire import run_tomography
 from corrflow.flows.models import Sample, TomographyParameters
 from corrflow.plans import PlanValidationError
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 
 
 def test_invalid_tomography_is_refused_before_any_file_or_catalog_entry(tmp_path):

@@ -27,13 +27,13 @@ import pytest
 from bluesky.utils import Msg, single_gen
 from ophyd import Signal
 
-from corrflow.catalog import Catalog, external_file_paths, open_catalog, tiled_writer
-from corrflow.catalog_filters import ResumedRunFilter, view_sources, with_view_sources
+from corrflow.catalog.tiled import Catalog, external_file_paths, open_catalog, tiled_writer
+from corrflow.catalog.filters import ResumedRunFilter, view_sources, with_view_sources
 from corrflow.devices.beamline import build_beamline
 from corrflow.plans import tomo_scan
 from corrflow.plans.interruptions import beam_current_suspender, unique_events
-from corrflow.runengine import make_run_engine
-from corrflow.settings import Settings, load_settings
+from corrflow.acquisition.runengine import make_run_engine
+from corrflow.config.settings import Settings, load_settings
 from corrflow.simulators import SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

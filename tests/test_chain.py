@@ -142,10 +142,10 @@ def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postg
     from tiled.client import from_uri
 
     from corrflow.flows.experiment_queue import submit_experiment
-    from corrflow.queue import ExperimentQueue
-    from corrflow.server import production_settings, start_worker
-    from corrflow.settings import SITES
-    from corrflow.transfer import sha256_file
+    from corrflow.operations.queue import ExperimentQueue
+    from corrflow.operations.server import production_settings, start_worker
+    from corrflow.config.settings import SITES
+    from corrflow.formats.checksums import sha256_file
 
     facility.ensure_tiled()
     settings = production_settings(facility.settings)

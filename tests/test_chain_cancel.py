@@ -15,10 +15,10 @@ import time
 CHILD = r'''
 import json, signal, sys, time
 from bluesky import plan_stubs as bps, preprocessors as bpp
-from corrflow.cancellation import register_engine, run_abortable
+from corrflow.acquisition.cancellation import register_engine, run_abortable
 from corrflow.devices.beamline import build_beamline
-from corrflow.runengine import make_run_engine
-from corrflow.settings import load_settings
+from corrflow.acquisition.runengine import make_run_engine
+from corrflow.config.settings import load_settings
 from corrflow.simulators.world import SimulatedWorld
 
 out = open(sys.argv[1], "a", buffering=1)

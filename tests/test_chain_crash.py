@@ -1,7 +1,7 @@
 """Dashboard operation through real workers: cancelling an acquisition run aborts the RunEngine
 within 5 s; a worker killed mid-flow leaves a run that the zombie automation marks Crashed, nothing
 of it reaches the compute facility, and a re-run completes after closing the dead run's catalog
-entry as failed (corrflow.reconcile). Slow: real processes, minutes."""
+entry as failed (corrflow.catalog.reconcile). Slow: real processes, minutes."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def _start_long_tomography(sample: str, projections: int):
 
 
 def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5_s(facility):
-    from corrflow.cancellation import cancel_flow_run
-    from corrflow.server import production_settings, start_worker
+    from corrflow.acquisition.cancellation import cancel_flow_run
+    from corrflow.operations.server import production_settings, start_worker
 
     settings = production_settings(facility.settings)
     worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-cancel")
@@ -96,7 +96,7 @@ def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5
 
 
 def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facility):
-    from corrflow.server import production_settings, start_worker
+    from corrflow.operations.server import production_settings, start_worker
 
     settings = production_settings(facility.settings)
     worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-crash")

@@ -11,7 +11,7 @@ import sys
 import pytest
 from facility_helpers import SharedFacility
 
-from corrflow.deploy import ZOMBIE_AUTOMATION_NAME, bootstrap, instrument_limit_name
+from corrflow.operations.deploy import ZOMBIE_AUTOMATION_NAME, bootstrap, instrument_limit_name
 from corrflow.deployments import all_sites
 
 
@@ -96,7 +96,7 @@ def test_an_edited_zombie_automation_is_replaced_by_the_declared_one(server):
     from prefect.client.orchestration import get_client
     from prefect.events.schemas.automations import AutomationCore
 
-    from corrflow.deploy import zombie_automation
+    from corrflow.operations.deploy import zombie_automation
 
     bootstrap(server)
     edited = zombie_automation(server.model_copy(update={"server": server.server.model_copy(update={"zombie_after_s": 999.0})}))
@@ -121,8 +121,8 @@ def test_an_edited_zombie_automation_is_replaced_by_the_declared_one(server):
 def test_the_automation_comparison_does_not_depend_on_the_hash_seed():
     """Trigger event sets serialise in hash order; two deploy processes must still agree."""
     code = (
-        "import json; from corrflow.deploy import _automation_view, zombie_automation; "
-        "from corrflow.settings import load_settings; "
+        "import json; from corrflow.operations.deploy import _automation_view, zombie_automation; "
+        "from corrflow.config.settings import load_settings; "
         "print(json.dumps(_automation_view(zombie_automation(load_settings())), sort_keys=True))"
     )
     views = {

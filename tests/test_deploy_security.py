@@ -12,8 +12,8 @@ import httpx
 import pytest
 from facility_helpers import SharedFacility
 
-from corrflow.server import prefect_api_url, prefect_server_environment, tiled_key, tiled_server_config, tiled_url
-from corrflow.settings import SettingsError, load_settings
+from corrflow.operations.server import prefect_api_url, prefect_server_environment, tiled_key, tiled_server_config, tiled_url
+from corrflow.config.settings import SettingsError, load_settings
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,9 +18,9 @@ from facility_helpers import drop_test_databases, production_test_settings
 pytestmark = pytest.mark.slow
 
 
-def _cli(module: str) -> list[str]:
-    # The lead registers these sub-apps in corrflow.cli; invoking them directly tests the same code.
-    return [sys.executable, "-c", f"import sys; from corrflow.{module} import app; app(sys.argv[1:])"]
+def _cli(command: str) -> list[str]:
+    """The installed ``corrflow`` command, as operators run it."""
+    return [str(Path(sys.executable).with_name("corrflow")), command]
 
 
 def test_server_up_serves_prefect_and_tiled_on_new_postgresql_databases_then_deploy_is_idempotent(tmp_path):
@@ -27,7 +28,7 @@ def test_server_up_serves_prefect_and_tiled_on_new_postgresql_databases_then_dep
     config = tmp_path / "corrflow.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRFLOW_", "PREFECT_"))} | {"CORRFLOW_CONFIG": str(config)}
-    up = subprocess.Popen([*_cli("cli_server"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    up = subprocess.Popen([*_cli("server"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         prefect = f"http://127.0.0.1:{settings.server.prefect_port}/api"
         tiled = f"http://127.0.0.1:{settings.server.tiled_port}"
@@ -45,7 +46,7 @@ def test_server_up_serves_prefect_and_tiled_on_new_postgresql_databases_then_dep
         # Loopback, auth auto -> off: Tiled reads are anonymous, writes need the generated key.
         assert httpx.get(f"{tiled}/api/v1/metadata/").status_code == 200
         for _ in range(2):
-            deploy = subprocess.run([*_cli("cli_deploy")], env=env, capture_output=True, text=True, timeout=300)
+            deploy = subprocess.run([*_cli("deploy")], env=env, capture_output=True, text=True, timeout=300)
             assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         lines = [line for line in deploy.stdout.splitlines() if line.strip()]
         assert lines and all(line.startswith("unchanged") for line in lines), deploy.stdout

@@ -20,10 +20,10 @@ from corrflow.devices import sem as sem_module
 from corrflow.devices.beamline import build_beamline
 from corrflow.devices.clock import SimClock
 from corrflow.devices.hdf5_stream import DATASET_PATH, HDF5FrameWriter
-from corrflow.hdf5_frames import ATTRIBUTES_PATH
+from corrflow.formats.hdf5_frames import ATTRIBUTES_PATH
 from corrflow.devices.motors import SimMotor
 from corrflow.devices.sem import build_microscope
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld, microscope_image
 
 

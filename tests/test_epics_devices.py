@@ -1,6 +1,6 @@
 """The EPICS device classes against the caproto IOCs of the simulated facility, over Channel Access.
 
-Everything runs on 127.0.0.1 (see corrflow.simulators.ioc.pytest_plugin); the IOCs count the
+Everything runs on 127.0.0.1 (see tests/epics_fixtures.py); the IOCs count the
 client writes they receive, which is how "nothing was written" is checked.
 """
 
@@ -19,11 +19,11 @@ from corrflow.devices.epics_heater import EpicsHeater
 from corrflow.devices.epics_source import BeamMonitor, EpicsShutter
 from corrflow.devices.epics_stage import EpicsMicroscopeStage, EpicsSampleStage
 from corrflow.devices.sem import build_microscope
-from corrflow.settings import SimulationSettings
+from corrflow.config.settings import SimulationSettings
 from corrflow.simulators import xray_transmission
 from corrflow.simulators.world import SimulatedWorld
 
-pytest_plugins = ["corrflow.simulators.ioc.pytest_plugin"]
+pytest_plugins = ["epics_fixtures"]
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from corrflow.cli_sim import sim_app
-from corrflow.sim_facility import IOC_NAMES, SimFacility
+from corrflow.cli.sim import sim_app
+from corrflow.operations.sim_facility import IOC_NAMES, SimFacility
 
-pytest_plugins = ["corrflow.simulators.ioc.pytest_plugin"]
+pytest_plugins = ["epics_fixtures"]
 
 
 def test_every_address_is_loopback_and_every_ioc_has_its_own_port(sim_facility):

@@ -26,7 +26,7 @@ from corrflow.plans.interruptions import (
     unique_events,
 )
 
-pytest_plugins = ["corrflow.simulators.ioc.pytest_plugin"]
+pytest_plugins = ["epics_fixtures"]
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 

@@ -13,13 +13,13 @@ from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
 from corrflow.devices.beamline import build_beamline
-from corrflow.nexus import read_nxtomo, write_nxtomo_from_documents
+from corrflow.formats.nexus import read_nxtomo, write_nxtomo_from_documents
 from corrflow.plans import PlanValidationError, estimate_tomo_scan, summarize_messages, tomo_scan
 from corrflow.plans.stubs import set_temperature
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld, xray_transmission
 
-pytest_plugins = ["corrflow.simulators.ioc.pytest_plugin"]
+pytest_plugins = ["epics_fixtures"]
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 N_PROJECTIONS, N_DARKS, N_FLATS = 8, 2, 3

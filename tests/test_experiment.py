@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from corrflow import ground_truth
-from corrflow.settings import load_settings
+from corrflow.report import ground_truth
+from corrflow.config.settings import load_settings
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -99,7 +99,7 @@ def test_roi_hand_off_centres_the_largest_pore_on_the_microscope(experiment):
 
 
 def test_raw_run_reads_back_through_tiled_and_databroker(experiment, data_root):
-    from corrflow.catalog import open_catalog
+    from corrflow.catalog.tiled import open_catalog
 
     uid = experiment["run_uids"]["tomography"]
     with h5py.File(experiment["raw_nxtomo_path"], "r") as nx:
@@ -122,8 +122,8 @@ def test_raw_run_reads_back_through_tiled_and_databroker(experiment, data_root):
 
 
 def test_volume_carries_provenance_of_its_verified_input(experiment):
-    from corrflow.transfer import sha256_file
-    from corrflow.volume import read_provenance
+    from corrflow.formats.checksums import sha256_file
+    from corrflow.compute.volume import read_provenance
 
     record = read_provenance(Path(experiment["volume_path"]))
     manifest = json.loads(Path(experiment["transfer"]["manifest"]).read_text())
@@ -135,7 +135,7 @@ def test_volume_carries_provenance_of_its_verified_input(experiment):
 
 
 def test_volume_is_catalogued_with_provenance_and_reads_back(experiment):
-    from corrflow.catalog import open_catalog
+    from corrflow.catalog.tiled import open_catalog
 
     uid = experiment["run_uids"]["tomography"]
     with h5py.File(experiment["volume_path"], "r") as f:
@@ -166,9 +166,9 @@ def test_flow_run_names_say_sample_and_stage(experiment):
 def test_the_microscope_stages_read_a_verified_copy_on_the_microscope_storage(experiment):
     """Registration and the hand-off read the volume from the microscope site's storage: a copy
     whose sha256 is the compute one's, listed in the catalog beside the compute location."""
-    from corrflow.catalog import open_catalog
-    from corrflow.transfer import sha256_file
-    from corrflow.volume import read_provenance
+    from corrflow.catalog.tiled import open_catalog
+    from corrflow.formats.checksums import sha256_file
+    from corrflow.compute.volume import read_provenance
 
     settings = load_settings()
     compute, shipped = Path(experiment["volume_path"]), experiment["microscope_volume"]

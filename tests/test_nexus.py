@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from nexusformat.nexus import nxload
 
-from corrflow import nexus
-from corrflow.nexus import NXtomoError, read_nxtomo, write_nxtomo
+from corrflow.formats import nexus
+from corrflow.formats.nexus import NXtomoError, read_nxtomo, write_nxtomo
 
 ROWS, COLS = 6, 10
 
@@ -192,9 +192,9 @@ def test_a_simulated_scan_converts_to_nxtomo(tmp_path):
     from bluesky import RunEngine
 
     from corrflow.devices.beamline import build_beamline
-    from corrflow.nexus import write_nxtomo_from_documents
+    from corrflow.formats.nexus import write_nxtomo_from_documents
     from corrflow.plans import tomo_scan
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
     from corrflow.simulators import SimulatedWorld
 
     settings = load_settings(data_root=tmp_path)

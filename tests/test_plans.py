@@ -26,7 +26,7 @@ from corrflow.plans import (
     tomo_scan,
 )
 from corrflow.plans.stubs import set_temperature
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import Phantom, SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
-from corrflow import ground_truth
+from corrflow.report import ground_truth
 from corrflow.devices.beamline import build_beamline
-from corrflow.dryrun import describe_plans, dry_run_plan
-from corrflow.nexus import read_nxtomo, write_nxtomo_from_documents
+from corrflow.acquisition.dryrun import describe_plans, dry_run_plan
+from corrflow.formats.nexus import read_nxtomo, write_nxtomo_from_documents
 from corrflow.plans import (
     PlanValidationError,
     estimate_tomo_fly_scan,
@@ -28,9 +28,9 @@ from corrflow.plans import (
     tomo_scan,
 )
 from corrflow.plans.validation import MIN_HALF_ACQUISITION_OVERLAP_PX
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
-from corrflow.volume import VolumeInputError, read_provenance, reconstruct_nxtomo
+from corrflow.compute.volume import VolumeInputError, read_provenance, reconstruct_nxtomo
 
 SAMPLE = {"sample_name": "wide-AlSi10Mg", "proposal": "P-2026-360", "user": "ada"}
 PIXEL_UM = 8.0

@@ -13,7 +13,7 @@ from corrflow.plans import PlanValidationError, align_rotation_axis, relocate_ro
 from corrflow.plans.alignment import axis_column_from_opposite_projections
 from corrflow.plans.relocation import stage_target_um
 from corrflow.processing.transforms import similarity
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

@@ -11,9 +11,9 @@ from bluesky import RunEngine
 from event_model import DocumentNames, schema_validators
 
 from corrflow.devices.beamline import build_beamline
-from corrflow.nexus import read_nxtomo, write_nxtomo_from_documents
+from corrflow.formats.nexus import read_nxtomo, write_nxtomo_from_documents
 from corrflow.plans import PLAN_SPECS, PlanValidationError, estimate_tomo_fly_scan, summarize_messages, tomo_fly_scan
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld, xray_transmission
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

@@ -10,7 +10,7 @@ from bluesky import RunEngine
 from corrflow.devices.beamline import build_beamline
 from corrflow.plans import PlanValidationError, temperature_series, time_lapse
 from corrflow.plans.insitu import estimate_temperature_series, estimate_time_lapse
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

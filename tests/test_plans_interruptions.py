@@ -12,7 +12,7 @@ from bluesky.utils import RunEngineInterrupted
 from corrflow.devices.beamline import build_beamline
 from corrflow.plans import tomo_scan
 from corrflow.plans.interruptions import SuspendTemperatureExcursion, beam_current_suspender, unique_events
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

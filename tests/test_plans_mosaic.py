@@ -11,7 +11,7 @@ from corrflow.devices.beamline import build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.plans import PlanValidationError, micrograph_mosaic, xray_mosaic
 from corrflow.plans.mosaic import estimate_xray_mosaic, grid_positions
-from corrflow.settings import load_settings
+from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
 SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}

@@ -2,7 +2,7 @@
 
 The ground truth is analytic and written here, independent of corrflow's projector and simulators:
 ellipses with the closed-form Radon transform in the contract's sinogram convention
-(INTERFACES.md): ``sino[k, j] = ∫ f dt`` along ``x = u cosθ + t sinθ, y = -u sinθ + t cosθ``,
+(docs/GEOMETRY.md): ``sino[k, j] = ∫ f dt`` along ``x = u cosθ + t sinθ, y = -u sinθ + t cosθ``,
 ``u = (j - c) * pixel``. A point ``(x, y)`` projects to ``u = x cosθ - y sinθ``, so the line
 ``{u = const}`` has unit normal ``n = (cosθ, -sinθ)``, i.e. normal angle ``-θ``; an ellipse with
 semi-axes ``(a, b)`` rotated by ``phi`` and centred at ``p0`` has the chord length

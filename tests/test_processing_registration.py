@@ -3,7 +3,7 @@
 Synthetic images are rendered here: anti-aliased disks (``SUPERSAMPLE`` sub-pixels per axis) at known
 sub-pixel positions, Gaussian blur and Gaussian noise. The microscope scene is rendered by mapping every
 micrograph sub-pixel through the TRUE ``sample_from_microscope`` transform into the sample frame, using
-the pixel-to-stage convention of INTERFACES.md, with a different contrast for each material than the
+the pixel-to-stage convention of docs/GEOMETRY.md, with a different contrast for each material than the
 X-ray slice.
 """
 

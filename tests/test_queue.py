@@ -12,7 +12,7 @@ import time
 import pytest
 from facility_helpers import POSTGRES_URL, SharedFacility, unique_db
 
-from corrflow.queue import ExperimentQueue, QueueError, dispatch
+from corrflow.operations.queue import ExperimentQueue, QueueError, dispatch
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def facility(request):
 @pytest.fixture
 def pg_queue():
     """A queue in its own PostgreSQL database (the production backend), dropped afterwards."""
-    from corrflow.server import drop_database, ensure_database
+    from corrflow.operations.server import drop_database, ensure_database
 
     name = unique_db("cf_test_queue")
     ensure_database(POSTGRES_URL, name)
@@ -103,7 +103,7 @@ def test_queue_survives_restarts_and_interrupted_entries_are_not_rerun(facility,
 
 def test_an_experiment_is_validated_when_submitted_not_when_it_runs(tmp_path):
     from corrflow.flows.experiment_queue import submit_experiment
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
 
     settings = load_settings(data_root=tmp_path)
     with pytest.raises(QueueError, match="num_projections"):
@@ -118,7 +118,7 @@ def test_an_experiment_is_validated_when_submitted_not_when_it_runs(tmp_path):
 def test_cli_submits_lists_and_cancels(tmp_path):
     from typer.testing import CliRunner
 
-    from corrflow.cli_queue import app
+    from corrflow.cli.queue import app
 
     runner = CliRunner()
     common = ["--data-root", str(tmp_path)]

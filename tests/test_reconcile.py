@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from event_model import compose_run
 
-from corrflow.catalog import Catalog, open_catalog
-from corrflow.reconcile import reconcile_runs
-from corrflow.settings import Settings, load_settings
+from corrflow.catalog.tiled import Catalog, open_catalog
+from corrflow.catalog.reconcile import reconcile_runs
+from corrflow.config.settings import Settings, load_settings
 
 HOST = socket.gethostname()
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from corrflow.settings import SettingsError, load_settings
+from corrflow.config.settings import SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)

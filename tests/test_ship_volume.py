@@ -12,17 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from corrflow.catalog import open_catalog, register_product
+from corrflow.catalog.tiled import open_catalog, register_product
 from corrflow.flows.transfer import VOLUME_MANIFEST, ship_volume_to_microscope
-from corrflow.settings import Settings, load_settings
-from corrflow.transfer import TransferError, sha256_file
-from corrflow.volume import read_provenance
+from corrflow.config.settings import Settings, load_settings
+from corrflow.formats.checksums import sha256_file
+from corrflow.transfer.verified import TransferError
+from corrflow.compute.volume import read_provenance
 
 RUN_UID = "3f6c0d9e-volume-ship-test"
 
 
 def _write_volume(path: Path) -> Path:
-    """A small volume file laid out as corrflow.volume writes one, with its provenance."""
+    """A small volume file laid out as corrflow.compute.volume writes one, with its provenance."""
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(3)
     with h5py.File(path, "w-") as f:

@@ -10,7 +10,7 @@ import pytest
 import scipy.fft
 
 from corrflow.processing.transforms import apply, decompose_similarity, invert
-from corrflow.settings import SimulationSettings
+from corrflow.config.settings import SimulationSettings
 from corrflow.simulators import (
     MATERIAL_CODES,
     MATERIALS,

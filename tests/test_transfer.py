@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from corrflow.transfer import TransferError, sha256_file, transfer_files, verified_copy
+from corrflow.formats.checksums import sha256_file
+from corrflow.transfer.verified import TransferError, transfer_files, verified_copy
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ import psutil
 import pytest
 from facility_helpers import free_port
 
-from corrflow.transfer import TransferError, sha256_file
-from corrflow.transfer_backends import LocalSource, SFTPSource, call_with_retries, is_transient, pull_files, verified_pull
+from corrflow.formats.checksums import sha256_file
+from corrflow.transfer.verified import TransferError
+from corrflow.transfer.backends import LocalSource, SFTPSource, call_with_retries, is_transient, pull_files, verified_pull
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
@@ -154,7 +155,7 @@ def test_dropped_connection_is_retried_with_backoff_and_resumes(sshd, tree, tmp_
             killed.append(done)
 
     source = _sftp(sshd, root)
-    caplog.set_level(logging.WARNING, logger="corrflow.transfer_backends")
+    caplog.set_level(logging.WARNING, logger="corrflow.transfer.backends")
     try:
         manifest = pull_files(
             source, ["scan1/proj.h5"], destination_root=tmp_path / "compute", retries=3, retry_delay_s=0.05,

@@ -16,9 +16,10 @@ import pytest
 pytest.importorskip("globus_sdk")
 import requests  # noqa: E402  (globus-sdk's HTTP library)
 
-from corrflow.settings import load_settings  # noqa: E402
-from corrflow.transfer import TransferError, sha256_file  # noqa: E402
-from corrflow.transfer_globus import globus_transfer  # noqa: E402
+from corrflow.config.settings import load_settings  # noqa: E402
+from corrflow.formats.checksums import sha256_file  # noqa: E402
+from corrflow.transfer.verified import TransferError  # noqa: E402
+from corrflow.transfer.globus import globus_transfer  # noqa: E402
 
 TASK = "8a1d4b5e-0a1b-11f0-9f8e-0affcfc1d1e5"
 SOURCE = "b1f2c3d4-0000-4000-8000-000000000001"

@@ -9,8 +9,8 @@ import pytest
 
 from corrflow.flows.flight_check import FlightCheckError, check_storage
 from corrflow.flows.prune import prune_verified_copies
-from corrflow.settings import load_settings
-from corrflow.transfer import transfer_files
+from corrflow.config.settings import load_settings
+from corrflow.transfer.verified import transfer_files
 
 DAY = 86400.0
 

@@ -11,10 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from corrflow.nexus import write_nxtomo
+from corrflow.formats.nexus import write_nxtomo
 from corrflow.simulators import make_phantom, xray_frame
 from corrflow.simulators.xray import XrayDetectorModel
-from corrflow.volume import VolumeInputError, read_provenance, reconstruct_nxtomo
+from corrflow.compute.volume import VolumeInputError, read_provenance, reconstruct_nxtomo
 
 ROWS, COLS, N_PROJ = 48, 96, 120
 PIXEL_UM = 10.0
@@ -52,7 +52,7 @@ def _nxtomo(scan: dict, name: str, **overrides) -> Path:
 
 
 def test_chunked_reconstruction_memory_is_bounded_by_the_slab_not_the_scan(scan):
-    """Bound (stated in corrflow/volume.py): peak ~ flats/darks means + a few copies of one slab of
+    """Bound (stated in corrflow/compute/volume.py): peak ~ flats/darks means + a few copies of one slab of
     n_proj x chunk_rows x cols float32 + one output slab. For chunk_rows=4 that is ~1 MB here, while
     the raw projections alone are 2.2 MB as uint16 (4.4 MB as float32)."""
     path = _nxtomo(scan, "memory")
@@ -168,7 +168,7 @@ def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch):
     it, even when an earlier nanny has left it in this process's environment."""
     from distributed import Client, LocalCluster
 
-    from corrflow.dask_cluster import MALLOC_TRIM_VARIABLE, local_cluster
+    from corrflow.compute.dask_cluster import MALLOC_TRIM_VARIABLE, local_cluster
 
     monkeypatch.setenv(MALLOC_TRIM_VARIABLE, "65536")  # as a nanny started earlier leaves it
     kwargs = dict(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
@@ -184,7 +184,7 @@ def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch):
 @pytest.fixture(scope="module")
 def cluster():
     """Two worker processes, as a facility's standing cluster (``compute.dask_address``)."""
-    from corrflow.dask_cluster import local_cluster
+    from corrflow.compute.dask_cluster import local_cluster
 
     with local_cluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as running:
         yield running
@@ -195,7 +195,7 @@ def test_flow_spreads_the_slabs_over_the_cluster_and_matches_the_in_process_volu
 
     from corrflow.flows.models import ReconstructionParameters, Sample
     from corrflow.flows.reconstruct import reconstruct_on_dask
-    from corrflow.settings import ComputeSettings
+    from corrflow.config.settings import ComputeSettings
 
     path = _nxtomo(scan, "dask")
     expected = reconstruct_nxtomo(path, scan["root"] / "dask_in_process.nxs", chunk_rows=8, center_px=scan["center"])
@@ -246,7 +246,7 @@ def test_slabs_in_flight_are_bounded(scan, cluster):
 def test_a_slab_failing_on_a_worker_fails_the_flow_naming_the_rows_and_leaves_no_volume(scan, cluster, prefect_harness):
     from corrflow.flows.models import ReconstructionParameters, Sample
     from corrflow.flows.reconstruct import reconstruct_on_dask
-    from corrflow.settings import ComputeSettings
+    from corrflow.config.settings import ComputeSettings
 
     # A corrupt pixel in the last projection, in the last slab only: the others are written first.
     path = _float_nxtomo_with_nan(scan, "nan_projection", (len(scan["data"]) - 1, ROWS - 3, 10))

@@ -14,7 +14,7 @@ name                PVs under            what
 ==================  ===================  ==========================================================
 
 Every IOC counts the client writes it receives in ``<section>sim:PutCount``.
-:mod:`corrflow.sim_facility` starts them all with distinct ports and prints the environment.
+:mod:`corrflow.operations.sim_facility` starts them all with distinct ports and prints the environment.
 Importing this package starts nothing and needs neither bluesky nor ophyd.
 """
 

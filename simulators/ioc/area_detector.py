@@ -19,7 +19,7 @@ the flush) and ``FlushInterval`` (s between automatic flushes).
 The plugin writes what areaDetector's HDF5 plugin writes by default: frames in
 ``/entry/data/data`` (``(n, rows, cols)``, one frame per chunk) and one value per frame of each
 NDAttribute in ``/entry/instrument/NDAttributes/<name>`` (``(n,)`` float64), in SWMR mode so
-clients read frames while the file is open (:class:`corrflow.hdf5_frames.HDF5FrameWriter`). The
+clients read frames while the file is open (:class:`corrflow.formats.hdf5_frames.HDF5FrameWriter`). The
 file is flushed every ``FlushInterval`` seconds (areaDetector flushes every ``NumFramesFlush``
 frames; time bounds a reader's wait at any frame rate) and on ``FlushNow``, which clients put
 before they announce frames to readers. Files are created exclusively:
@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import numpy as np
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from corrflow.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH, HDF5FrameWriter
+from corrflow.formats.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH, HDF5FrameWriter
 from corrflow.simulators.ioc.common import enum_property, long_string
 
 __all__ = [

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from corrflow.settings import SimulationSettings
+from corrflow.config.settings import SimulationSettings
 from corrflow.simulators.ioc.area_detector import AreaDetectorIOC
 from corrflow.simulators.ioc.common import SimControl, ioc_argument_parser, serve
 from corrflow.simulators.ioc.motor import MicroscopeStageMotors, alias_record_names, scale_velocities

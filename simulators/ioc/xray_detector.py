@@ -33,7 +33,7 @@ import numpy as np
 from caproto.asyncio.client import Context
 from caproto.server import PVGroup, SubGroup, pvproperty
 
-from corrflow.settings import SimulationSettings
+from corrflow.config.settings import SimulationSettings
 from corrflow.simulators.ioc.area_detector import AreaDetectorIOC
 from corrflow.simulators.ioc.common import SimControl, ioc_argument_parser, serve
 from corrflow.simulators.phantom import Phantom, make_phantom
@@ -252,6 +252,6 @@ def simulation_settings(text: str | None) -> SimulationSettings:
     """Simulation settings from JSON, or those of corrflow's settings (env / config file)."""
     if text:
         return SimulationSettings.model_validate_json(text)
-    from corrflow.settings import load_settings
+    from corrflow.config.settings import load_settings
 
     return load_settings().simulation

@@ -1,0 +1,189 @@
+"""The Tiled catalog: where every run's documents land and where they are read back.
+
+Embedded default: an in-process Tiled app over SQLite under ``<data_root>/catalog`` (no socket,
+no server to start). Production: a Tiled server (``settings.catalog.url`` + API key), e.g. one
+started with ``tiled serve config`` on the file :func:`catalog_config` describes.
+
+Layout: ``/runs`` is a catalog of Bluesky runs (what ``TiledWriter`` writes and databroker's v1
+API reads: ``catalog.runs.v1[uid]``); ``/processed`` holds products (reconstructed volumes, ...)
+registered in place as external HDF5, each with its provenance and the uids of the runs it came
+from. The same configuration serves both modes, so a run written in-process reads back the
+same way from a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from corrflow.config.settings import Settings
+
+if TYPE_CHECKING:  # imported lazily: tiled's server stack costs seconds to import
+    from tiled.client.container import Container
+
+#: The spec that makes a Tiled container a catalog of Bluesky runs (databroker reads it as ``client.v1``).
+BLUESKY_CATALOG_SPECS = [{"name": "CatalogOfBlueskyRuns", "version": "3.0"}]
+#: Lets databroker's v1 API export whole runs as document streams.
+BLUESKY_MEDIA_TYPES = {
+    "BlueskyRun": {"application/json-seq": "bluesky_tiled_plugins.exporters:json_seq_exporter"}
+}
+
+
+def catalog_config(settings: Settings) -> dict[str, Any]:
+    """Tiled server configuration for the catalog described by ``settings``.
+
+    Detector files anywhere under ``data_root`` and the facility storage areas are readable
+    (external HDF5 assets referenced by stream resources); event tables go to a SQL store beside
+    the catalog database.
+    """
+    readable = sorted(
+        {
+            str(settings.data_root),
+            str(settings.beamline_storage),
+            str(settings.compute_storage),
+            str(settings.microscope_storage),
+        }
+    )
+    return {
+        "trees": [
+            {
+                "path": "/",
+                "tree": "catalog",
+                "args": {
+                    "uri": settings.catalog_uri,
+                    "writable_storage": [
+                        str(settings.catalog_dir / "data"),
+                        f"sqlite:///{settings.catalog_dir / 'tables.db'}",
+                    ],
+                    "readable_storage": readable,
+                    "init_if_not_exists": True,
+                },
+            }
+        ],
+        "media_types": BLUESKY_MEDIA_TYPES,
+    }
+
+
+RUNS_KEY = "runs"
+PROCESSED_KEY = "processed"
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Clients for the catalog's root and its two containers."""
+
+    root: Container
+    runs: Container  # CatalogOfBlueskyRuns: runs by uid, ``.v1`` for databroker
+    processed: Container  # products registered with provenance
+
+
+def _child(root: Container, key: str, specs: list[dict[str, str]] | None) -> Container:
+    """The container ``key`` under ``root``, created on first use (safe if two processes race)."""
+    from tiled.client.utils import ClientError
+    from tiled.structures.core import Spec
+
+    if key not in root:
+        try:
+            root.create_container(key, specs=[Spec(**s) for s in specs or []])
+        except ClientError:
+            if key not in root:  # not a lost race with another writer: a real error
+                raise
+    return root[key]
+
+
+@contextlib.contextmanager
+def open_catalog(settings: Settings) -> Iterator[Catalog]:
+    """Yield the catalog's clients; closes what it opened on exit.
+
+    With ``settings.catalog.url`` set, connects to that server (with the API key, if any);
+    otherwise serves the embedded SQLite catalog in-process (~6 s to ready, mostly imports).
+    """
+    from tiled.client import from_context, from_uri
+
+    if settings.catalog.url:
+        root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+        try:
+            yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
+        finally:
+            root.context.close()
+        return
+
+    from tiled.client.context import Context
+    from tiled.server.app import build_app_from_config
+
+    settings.catalog_dir.mkdir(parents=True, exist_ok=True)
+    (settings.catalog_dir / "data").mkdir(exist_ok=True)
+    app = build_app_from_config(catalog_config(settings))
+    context = Context.from_app(app)
+    try:
+        root = from_context(context)
+        yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
+    finally:
+        context.close()
+
+
+def register_product(
+    catalog: Catalog, path: Path, *, key: str, dataset: str, metadata: dict[str, Any]
+) -> Container:
+    """Register an HDF5 product in place (external asset) under ``/processed/<key>`` with its metadata.
+
+    Call it only after the file is complete and verified: the catalog never lists a partial product.
+    """
+    return catalog.processed.register(
+        Path(path).absolute(), key=key, mimetype="application/x-hdf5", parameters={"dataset": dataset}, metadata=metadata
+    )
+
+
+def _copy_one_shot_cached_map(self):
+    """A copy with its own key -> client table (``copy.copy`` default shares it)."""
+    clone = object.__new__(type(self))
+    clone._OneShotCachedMap__lock = threading.Lock()
+    clone._OneShotCachedMap__mapping = dict(self._OneShotCachedMap__mapping)
+    return clone
+
+
+def _isolate_structure_client_copies() -> None:
+    """Work around an upstream bug that switches every run read in this process to the v2 layout.
+
+    ``BlueskyRunV3.v2`` (and so ``.v1``) does ``copy.copy(structure_clients).set("BlueskyRun", ...)``;
+    tiled's ``OneShotCachedMap`` has no ``__copy__``, so the copy shares the process-wide default table
+    and, after any ``.v1``/``.v2`` access, ``run["primary"][key]`` raises KeyError for every run read
+    later (the stream then shows only data/timestamps/config). A real copy keeps the switch local.
+    """
+    from tiled.utils import OneShotCachedMap
+
+    if "__copy__" not in vars(OneShotCachedMap):
+        OneShotCachedMap.__copy__ = _copy_one_shot_cached_map
+
+
+_isolate_structure_client_copies()
+
+
+def tiled_writer(client: Container, settings: Settings):
+    """A ``TiledWriter`` callback for a RunEngine, batched as configured (see docs/STACK.md timings)."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    return TiledWriter(client, batch_size=settings.catalog.batch_size)
+
+
+def external_file_paths(run: Any) -> list[Path]:
+    """Local paths of the external (detector) files a Bluesky run references, in stream order.
+
+    Reads the stream resources of the run's documents (via the catalog), so the list is what the
+    catalog knows, not what happens to be on disk.
+    """
+    paths: list[Path] = []
+    for name, doc in run.documents():
+        if name == "stream_resource":
+            uri = doc["uri"]
+            prefix = "file://localhost"
+            if not uri.startswith(prefix):
+                raise ValueError(f"stream resource {doc['uid']} is not a local file: {uri}")
+            path = Path(uri[len(prefix) :])
+            if path not in paths:
+                paths.append(path)
+    return paths
