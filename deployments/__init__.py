@@ -2,11 +2,11 @@
 
 The files hold only data (which flows a site runs, their default parameters, tags and schedules);
 :func:`load_site` turns a file into typed :class:`SiteSpec` objects and :mod:`corrflow.operations.deploy`
-applies them to a Prefect server. Entry points are module paths (``corrflow.flows.chain:tomography``),
+applies them to a Prefect server. Entry points are module paths (``corrflow.flows.pipeline:correlative_chain``),
 never file paths, so a worker started in any working directory finds them in the installed package.
 
 Names the rest of corrflow relies on: a deployment is addressed as ``<flow name>/<deployment name>``
-and every site names its deployments after itself (``tomography-chain/beamline``,
+and every site names its deployments after itself (``correlative-chain/beamline``,
 ``flight-check/compute``); :func:`deployment_path` builds these names.
 """
 

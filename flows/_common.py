@@ -17,8 +17,16 @@ def flow_settings() -> Settings:
     return settings
 
 
-def _sample_name(parameters: dict[str, Any]) -> str:
+def sample_name_of(parameters: dict[str, Any]) -> str:
+    """The sample a flow run is about: its ``sample`` parameter, or its ``request``'s sample."""
+    request = parameters.get("request")
     sample = parameters.get("sample")
+    if sample is None and request is not None:
+        sample = getattr(request, "sample", None) or (request.get("sample") if isinstance(request, dict) else None)
+        if sample is None:  # a request with the default sample
+            from corrflow.flows.models import Sample
+
+            sample = Sample()
     if sample is None:
         return "unknown-sample"
     name = getattr(sample, "name", None) or (sample.get("name") if isinstance(sample, dict) else None)
@@ -31,6 +39,6 @@ def run_name(stage: str) -> Callable[[], str]:
     def _name() -> str:
         from prefect.runtime import flow_run
 
-        return f"{_sample_name(flow_run.parameters)} · {stage}"
+        return f"{sample_name_of(flow_run.parameters)} · {stage}"
 
     return _name

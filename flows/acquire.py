@@ -1,12 +1,15 @@
-"""Acquisition flows: run a bluesky plan on an instrument, catalogue it, export NeXus.
+"""Acquisition: run a bluesky plan on an instrument, catalogue it, export NeXus.
 
 The plain functions (:func:`run_tomography`, :func:`run_micrograph`, :func:`export_nxtomo`) do
-the work and are tested directly; the flows only wrap them for Prefect (names, retries, UI forms).
+the work and are tested directly; :func:`tomography_stage` and :func:`micrograph_stage` are the
+chain's stages (:mod:`corrflow.flows.pipeline`), and :func:`acquire_micrograph` is the micrograph a
+queue entry asks for.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,22 +18,28 @@ import numpy as np
 from prefect import flow
 
 from corrflow.acquisition.cancellation import run_abortable
-from corrflow.catalog.tiled import external_file_paths, open_catalog, tiled_writer
+from corrflow.acquisition.runengine import EventCounter, make_run_engine
 from corrflow.catalog.filters import with_view_sources
+from corrflow.catalog.reconcile import reconcile_runs
+from corrflow.catalog.tiled import external_file_paths, open_catalog, tiled_writer
+from corrflow.config.settings import Settings
 from corrflow.devices.beamline import Beamline, build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
-from corrflow.flows.models import AcquisitionResult, MicrographParameters, Sample, TomographyParameters
+from corrflow.flows.models import (
+    ExperimentRequest,
+    MicrographParameters,
+    MicrographRun,
+    Sample,
+    StoredFile,
+    TomographyParameters,
+    TomographyRun,
+)
 from corrflow.formats.nexus import write_nxtomo
 from corrflow.plans.metadata import SampleInfo
 from corrflow.plans.microscopy import micrograph
-from corrflow.plans.tomography import tomo_scan
-from corrflow.catalog.reconcile import reconcile_runs
-from corrflow.acquisition.runengine import EventCounter, make_run_engine
-from corrflow.config.settings import Settings
+from corrflow.plans.tomography import IMAGE_KEY_BY_STREAM, tomo_scan
 from corrflow.simulators.world import SimulatedWorld
-
-IMAGE_KEYS = {"dark": 2, "flat": 1, "primary": 0}
 
 
 class AcquisitionError(RuntimeError):
@@ -78,11 +87,11 @@ def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
     image_key_name = f"{beamline.detector.name}_image"
     axes = {axis: getattr(beamline.stage, axis).name for axis in ("rotation", "x", "y", "z")}
     frames, keys, columns = [], [], {axis: [] for axis in axes}
-    for stream, key in IMAGE_KEYS.items():
+    for stream in ("dark", "flat", "primary"):
         data = run[stream]
         images = np.asarray(data[image_key_name].read())
         frames.append(images)
-        keys.append(np.full(len(images), key, dtype=np.int32))
+        keys.append(np.full(len(images), IMAGE_KEY_BY_STREAM[stream], dtype=np.int32))
         for axis, field in axes.items():
             columns[axis].append(np.asarray(data[field].read(), dtype=np.float64))
     start = run.metadata["start"]
@@ -105,7 +114,7 @@ def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
     )
 
 
-def run_tomography(settings: Settings, sample: Sample, parameters: TomographyParameters) -> AcquisitionResult:
+def run_tomography(settings: Settings, sample: Sample, parameters: TomographyParameters) -> TomographyRun:
     """Run a tomography scan on the beamline, catalogue it, and export the raw scan as NXtomo.
 
     The plan is validated when it is built, before the RunEngine starts: bad parameters raise
@@ -129,16 +138,30 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomographyPar
         # A resumed run's re-taken frames are catalogued through a view of the detector file:
         # both files travel.
         files = (*with_view_sources(external_file_paths(run)), nexus)
-    return AcquisitionResult(run_uid=uid, instrument=beamline.name, files=files, nexus_path=nexus)
+    return TomographyRun(
+        run_uid=uid,
+        instrument=beamline.name,
+        files=tuple(StoredFile.under(settings, "beamline", path) for path in files),
+        nxtomo=StoredFile.under(settings, "beamline", nexus),
+    )
 
 
-def run_micrograph(settings: Settings, sample: Sample, parameters: MicrographParameters) -> AcquisitionResult:
-    """Image the sectioned sample on the microscope at the requested stage position and catalogue it."""
+def run_micrograph(
+    settings: Settings, sample: Sample, parameters: MicrographParameters, *, parent_uids: Sequence[str] = ()
+) -> MicrographRun:
+    """Image the sectioned sample on the microscope at the requested stage position and catalogue it.
+
+    ``parent_uids`` (the tomography run the micrograph follows from) go to the run's ``references``.
+    """
     world = SimulatedWorld(settings.simulation)
     scan_dir = _scan_directory(settings.microscope_storage, sample, "sem")
     microscope = build_microscope(settings, world, data_dir=scan_dir)
     plan = micrograph(
-        microscope, stage_x_um=parameters.stage_x_um, stage_y_um=parameters.stage_y_um, sample=_sample_info(sample)
+        microscope,
+        stage_x_um=parameters.stage_x_um,
+        stage_y_um=parameters.stage_y_um,
+        sample=_sample_info(sample),
+        parent_uids=tuple(parent_uids),
     )
     with open_catalog(settings) as catalog:
         close_lost_runs(catalog, microscope.name)
@@ -147,27 +170,33 @@ def run_micrograph(settings: Settings, sample: Sample, parameters: MicrographPar
         run = catalog.runs[uid]
         _check_success(run)
         files = tuple(with_view_sources(external_file_paths(run)))
-    return AcquisitionResult(run_uid=uid, instrument=microscope.name, files=files)
+    return MicrographRun(
+        run_uid=uid,
+        instrument=microscope.name,
+        files=tuple(StoredFile.under(settings, "microscope", path) for path in files),
+    )
 
 
-@flow(name="acquire-tomography", flow_run_name=run_name("acquire tomography"), log_prints=True)
-def acquire_tomography(
-    sample: Sample = Sample(), parameters: TomographyParameters = TomographyParameters()
-) -> AcquisitionResult:
-    """Tomography on the beamline: darks, flats, projections; catalogued in Tiled, exported as NXtomo."""
-    settings = flow_settings()
-    # Cancelling the run (dashboard or CLI) aborts the RunEngine before the process ends.
-    result = run_abortable(lambda: run_tomography(settings, sample, parameters), reason="tomography cancelled")
-    print(f"run {result.run_uid}: {len(result.files)} files, NXtomo {result.nexus_path}")
-    return result
+def tomography_stage(settings: Settings, request: ExperimentRequest) -> TomographyRun:
+    """The chain's first stage: the tomography of the request's sample."""
+    acquired = run_tomography(settings, request.sample, request.tomography)
+    print(f"run {acquired.run_uid}: {len(acquired.files)} files, NXtomo {acquired.nxtomo.path}")
+    return acquired
+
+
+def micrograph_stage(settings: Settings, request: ExperimentRequest, *, tomography: TomographyRun) -> MicrographRun:
+    """The micrograph of the sectioned sample, a child of the tomography run in the catalog."""
+    acquired = run_micrograph(settings, request.sample, request.micrograph, parent_uids=(tomography.run_uid,))
+    print(f"run {acquired.run_uid}: micrograph of the section (parent run {tomography.run_uid})")
+    return acquired
 
 
 @flow(name="acquire-micrograph", flow_run_name=run_name("acquire micrograph"), log_prints=True)
 def acquire_micrograph(
     sample: Sample = Sample(), parameters: MicrographParameters = MicrographParameters()
-) -> AcquisitionResult:
-    """One micrograph of the sectioned sample on the microscope, catalogued in Tiled."""
+) -> MicrographRun:
+    """One micrograph on the microscope, catalogued in Tiled (a queue entry of plan 'micrograph')."""
     settings = flow_settings()
     result = run_abortable(lambda: run_micrograph(settings, sample, parameters), reason="micrograph cancelled")
-    print(f"run {result.run_uid}: {result.files[0]}")
+    print(f"run {result.run_uid}: {result.files[0].path}")
     return result

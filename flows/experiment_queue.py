@@ -9,22 +9,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow
 
+from corrflow.config.settings import Settings, Site
 from corrflow.flows._common import flow_settings
 from corrflow.flows.acquire import acquire_micrograph
-from corrflow.flows.chain import tomography_chain
 from corrflow.flows.models import Sample
+from corrflow.flows.pipeline import correlative_chain
 from corrflow.operations.queue import ExperimentQueue, QueueEntry, QueueError, dispatch
-from corrflow.config.settings import Settings, Site
 
-#: plan name -> (site whose instrument runs it, flow run for it; the flow takes ``sample`` + parameters)
-PLANS: dict[str, tuple[Site, Any]] = {
-    "tomography": ("beamline", tomography_chain),
-    "micrograph": ("microscope", acquire_micrograph),
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """What a queued experiment of one plan runs, and where.
+
+    ``arguments(sample, parameters)`` turns a queue entry into the keyword arguments of ``flow``;
+    they are validated against the flow's signature when the entry is submitted and again, as the
+    flow's parameters, when it runs.
+    """
+
+    site: Site
+    flow: Any
+    arguments: Callable[[Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
+
+
+def _chain_arguments(sample: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    # A tomography entry is a whole correlative experiment, started at the beamline.
+    return {"request": {"sample": dict(sample), **dict(parameters)}, "site": "beamline"}
+
+
+def _flow_arguments(sample: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
+    return {"sample": dict(sample), **dict(parameters)}
+
+
+#: plan name -> what runs it
+PLANS: dict[str, QueuePlan] = {
+    "tomography": QueuePlan("beamline", correlative_chain, _chain_arguments),
+    "micrograph": QueuePlan("microscope", acquire_micrograph, _flow_arguments),
 }
 
 
@@ -36,18 +61,18 @@ def instrument_of(settings: Settings, site: Site) -> str:
     raise QueueError(f"site {site!r} has no instrument (queues exist for beamline and microscope)")
 
 
-def validate_experiment(plan: str, parameters: Mapping[str, Any], sample: Mapping[str, Any], *, plans: Mapping[str, tuple[Site, Any]] = PLANS) -> Site:
+def validate_experiment(plan: str, parameters: Mapping[str, Any], sample: Mapping[str, Any], *, plans: Mapping[str, QueuePlan] = PLANS) -> Site:
     """Check plan, parameters and sample now (types, ranges, unknown names); return the plan's site."""
     if plan not in plans:
         raise QueueError(f"plan must be one of {sorted(plans)}, got {plan!r}")
-    site, plan_flow = plans[plan]
+    spec = plans[plan]
     if "sample" in parameters:
         raise QueueError("give the sample separately, not inside parameters")
     try:
-        plan_flow.validate_parameters({"sample": dict(sample), **dict(parameters)})
+        spec.flow.validate_parameters(spec.arguments(sample, parameters))
     except Exception as exc:  # Prefect raises ParameterTypeError / SignatureMismatchError
         raise QueueError(f"invalid parameters for plan {plan!r}: {exc}") from None
-    return site
+    return spec.site
 
 
 def submit_experiment(
@@ -59,7 +84,7 @@ def submit_experiment(
     priority: int = 0,
     submitted_by: str = "local-user",
     trigger: bool = True,
-    plans: Mapping[str, tuple[Site, Any]] = PLANS,
+    plans: Mapping[str, QueuePlan] = PLANS,
 ) -> QueueEntry:
     """Validate and queue an experiment on its plan's instrument; optionally wake that site's dispatcher."""
     site = validate_experiment(plan, parameters, sample, plans=plans)
@@ -89,7 +114,7 @@ def run_queue(
     settings: Settings,
     site: Site,
     *,
-    plans: Mapping[str, tuple[Site, Any]] = PLANS,
+    plans: Mapping[str, QueuePlan] = PLANS,
     until_empty: bool = True,
     flow_run_id: str | None = None,
     log: Any = print,
@@ -97,8 +122,8 @@ def run_queue(
     """Run the site's queue in this process (each experiment as a sub-flow of the caller)."""
 
     def run_entry(entry: QueueEntry) -> Any:
-        _, plan_flow = plans[entry.plan]
-        return plan_flow(sample=Sample(**entry.sample), **entry.parameters)
+        spec = plans[entry.plan]
+        return spec.flow(**spec.flow.validate_parameters(spec.arguments(entry.sample, entry.parameters)))
 
     return dispatch(
         settings,
@@ -131,7 +156,7 @@ def enqueue_experiment(
 ) -> int:
     """Queue one experiment (plan + parameters + sample) on the site's instrument; returns its queue id."""
     settings = flow_settings()
-    if PLANS.get(plan, (None,))[0] != site:
+    if plan not in PLANS or PLANS[plan].site != site:
         raise QueueError(f"plan {plan!r} does not run at site {site!r}")
     entry = submit_experiment(
         settings, plan=plan, parameters=parameters or {}, sample=sample.model_dump(mode="json"), priority=priority

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import h5py
 import numpy as np
-from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
 
 from corrflow.report import progress
-from corrflow.flows._common import flow_settings, run_name
+from corrflow.catalog.tiled import open_catalog, product_key, record_product
 from corrflow.flows.acquire import run_micrograph
-from corrflow.flows.models import MicrographParameters, RegistrationSummary, Sample
+from corrflow.flows.models import (
+    ExperimentRequest,
+    HandoffResult,
+    MicrographParameters,
+    RegisteredMicrograph,
+    RoiRequest,
+    Sample,
+    ShippedVolume,
+    TomographyRun,
+)
 from corrflow.flows.register import load_micrograph
 from corrflow.processing import transforms
 from corrflow.processing.registration import RegistrationError, detect_fiducials
@@ -35,44 +42,6 @@ from corrflow.config.settings import Settings
 
 class HandoffError(RuntimeError):
     """The region of interest cannot be handed off; the message says why."""
-
-
-class RoiRequest(BaseModel):
-    """What to look at on the microscope."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    feature: Literal["largest_pore", "largest_precipitate", "coordinates"] = Field(
-        "largest_pore", description="Pick the largest pore/precipitate cut by the sectioned plane, or use x/y/z"
-    )
-    x_um: float | None = Field(None, description="ROI centre x in the beamline sample frame (um), for 'coordinates'")
-    y_um: float | None = Field(None, description="ROI centre y (um), for 'coordinates'")
-    z_um: float | None = Field(None, description="ROI centre z (um), for 'coordinates'")
-    centre_on_feature: bool = Field(
-        True, description="After the first image, one corrective move centres the feature as the micrograph shows it"
-    )
-
-
-class HandoffResult(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    roi_sample_um: tuple[float, float, float] = Field(description="ROI centre, beamline sample frame (um)")
-    roi_radius_um: float | None = Field(description="Equivalent radius of the chosen feature (um)")
-    stage_x_um: float = Field(description="Microscope stage x commanded (um)")
-    stage_y_um: float = Field(description="Microscope stage y commanded (um)")
-    micrograph_run_uids: list[str] = Field(description="The hand-off micrographs, first pass then corrected")
-    first_pass_offset_um: float | None = Field(
-        description="First pass: distance of the feature from the micrograph's centre, measured in the image (um)"
-    )
-    first_pass_true_error_um: float | None = Field(
-        None, description="Simulation only: first-pass stage position vs the one that truly centres the feature (um)"
-    )
-    observed_offset_um: float | None = Field(
-        description="Final: distance of the feature from the micrograph's centre, measured in the image (um)"
-    )
-    true_error_um: float | None = Field(
-        None, description="Simulation only: final stage position vs the one that truly centres the feature (um)"
-    )
 
 
 @dataclass(frozen=True)
@@ -134,10 +103,16 @@ def hand_off(
     settings: Settings,
     sample: Sample,
     volume_path: Path,
-    registration: RegistrationSummary,
+    registration: RegisteredMicrograph,
     request: RoiRequest,
-) -> HandoffResult:
-    """Choose the ROI, drive the microscope there, image it and measure where it landed."""
+    *,
+    parent_uids: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Choose the ROI, drive the microscope there, image it and measure where it landed.
+
+    Returns the fields of :class:`~corrflow.flows.models.HandoffResult` (all but its catalog key).
+    The hand-off micrographs record ``parent_uids`` (the tomography run) in their references.
+    """
     roi = choose_roi(volume_path, request, section_z_um=registration.section_z_um)
     sample_from_microscope = np.asarray(registration.sample_from_microscope)
     target = microscope_target(
@@ -155,6 +130,7 @@ def hand_off(
             settings,
             sample,
             MicrographParameters(stage_x_um=float(stage[0]), stage_y_um=float(stage[1]), section_z_um=registration.section_z_um),
+            parent_uids=parent_uids,
         )
         runs.append(acquired.run_uid)
         offset = None
@@ -176,17 +152,17 @@ def hand_off(
     def _norm(o: np.ndarray | None) -> float | None:
         return None if o is None else float(np.hypot(*o))
 
-    return HandoffResult(
-        roi_sample_um=tuple(float(v) for v in roi.centre_um),
-        roi_radius_um=roi.radius_um,
-        stage_x_um=float(stage[0]),
-        stage_y_um=float(stage[1]),
-        micrograph_run_uids=runs,
-        first_pass_offset_um=_norm(offsets[0]),
-        first_pass_true_error_um=errors[0],
-        observed_offset_um=_norm(offsets[-1]),
-        true_error_um=errors[-1],
-    )
+    return {
+        "roi_sample_um": tuple(float(v) for v in roi.centre_um),
+        "roi_radius_um": roi.radius_um,
+        "stage_x_um": float(stage[0]),
+        "stage_y_um": float(stage[1]),
+        "micrograph_run_uids": runs,
+        "first_pass_offset_um": _norm(offsets[0]),
+        "first_pass_true_error_um": errors[0],
+        "observed_offset_um": _norm(offsets[-1]),
+        "true_error_um": errors[-1],
+    }
 
 
 def _true_error(settings: Settings, roi: _Roi, stage_xy_um: np.ndarray) -> float | None:
@@ -204,13 +180,38 @@ def _true_error(settings: Settings, roi: _Roi, stage_xy_um: np.ndarray) -> float
     return float(np.hypot(ideal[0] - stage_xy_um[0], ideal[1] - stage_xy_um[1]))
 
 
-@flow(name="roi-handoff", flow_run_name=run_name("ROI hand-off"), log_prints=True)
-def roi_handoff(
-    sample: Sample, volume_path: Path, registration: RegistrationSummary, roi: RoiRequest = RoiRequest()
+def handoff_stage(
+    settings: Settings,
+    request: ExperimentRequest,
+    *,
+    tomography: TomographyRun,
+    volume_shipment: ShippedVolume,
+    registration: RegisteredMicrograph,
 ) -> HandoffResult:
-    """Find the chosen feature of the X-ray volume on the microscope and report the hand-off error."""
+    """Find the chosen feature of the X-ray volume on the microscope; catalogue where it landed.
+
+    The result is ``/processed/<run uid>-handoff``, a child of the registration product, of the
+    tomography run and of the hand-off micrographs (themselves children of the tomography run).
+    """
+    uid = tomography.run_uid
     progress.report("ROI hand-off", 0, 1)
-    result = hand_off(flow_settings(), sample, Path(volume_path), registration, roi)
+    fields = hand_off(
+        settings, request.sample, volume_shipment.file.local_path(settings), registration, request.roi, parent_uids=(uid,)
+    )
+    key = product_key(uid, "handoff")
+    result = HandoffResult(catalog_key=key, **fields)
+    with open_catalog(settings) as catalog:
+        record_product(
+            catalog,
+            key,
+            {
+                "kind": "roi-handoff",
+                "parent_run_uids": [uid, *result.micrograph_run_uids],
+                "parents": {"registration": registration.catalog_key},
+                "request": request.roi.model_dump(mode="json"),
+                **result.model_dump(mode="json", exclude={"catalog_key"}),
+            },
+        )
     progress.report("ROI hand-off", 1, 1)
     print(
         f"ROI at {np.round(result.roi_sample_um, 1).tolist()} um -> stage ({result.stage_x_um:.1f}, "

@@ -1,21 +1,30 @@
-"""Typed flow parameters and results.
+"""Typed requests and products of the correlative chain.
 
-These pydantic models are the flows' parameters, so Prefect's UI builds its run forms from them:
+The request models are the flows' parameters, so Prefect's UI builds its run forms from them:
 every field has a description and its unit in its name. They validate before anything moves.
+
+The product models are what each stage of :data:`corrflow.flows.pipeline.PIPELINE` hands to the
+next: small records (catalog keys, run uids, files relative to a site's storage root), never
+arrays. They travel as JSON between facilities (``run_deployment`` parameters), so a file is named
+by the site whose storage holds it and its path under that storage root
+(:class:`StoredFile`): each facility resolves it against its own view of that storage.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from corrflow.config.settings import Settings, Site
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# -- requests ---------------------------------------------------------------------------------
 class Sample(_Model):
     """Who and what: the identification group of every run's metadata."""
 
@@ -76,38 +85,155 @@ class ReconstructionParameters(_Model):
     chunk_rows: int = Field(8, ge=1, le=4096, description="Detector rows reconstructed per chunk (bounds memory)")
 
 
-class AcquisitionResult(_Model):
-    run_uid: str
+class RoiRequest(_Model):
+    """What to look at on the microscope after registration."""
+
+    feature: Literal["largest_pore", "largest_precipitate", "coordinates"] = Field(
+        "largest_pore", description="Pick the largest pore/precipitate cut by the sectioned plane, or use x/y/z"
+    )
+    x_um: float | None = Field(None, description="ROI centre x in the beamline sample frame (um), for 'coordinates'")
+    y_um: float | None = Field(None, description="ROI centre y (um), for 'coordinates'")
+    z_um: float | None = Field(None, description="ROI centre z (um), for 'coordinates'")
+    centre_on_feature: bool = Field(
+        True, description="After the first image, one corrective move centres the feature as the micrograph shows it"
+    )
+
+
+class ExperimentRequest(_Model):
+    """Everything one correlative experiment needs, from the tomography to the ROI hand-off."""
+
+    sample: Sample = Field(Sample(), description="The sample and who it belongs to")
+    tomography: TomographyParameters = Field(TomographyParameters(), description="The X-ray scan at the beamline")
+    reconstruction: ReconstructionParameters = Field(
+        ReconstructionParameters(), description="Reconstruction at the compute facility"
+    )
+    micrograph: MicrographParameters = Field(MicrographParameters(), description="The micrograph of the sectioned sample")
+    roi: RoiRequest = Field(RoiRequest(), description="The region of interest handed to the microscope")
+
+
+# -- products ---------------------------------------------------------------------------------
+class StoredFile(_Model):
+    """A file on one site's storage: the site, and the path below that site's storage root."""
+
+    site: Site = Field(description="The site whose storage holds the file")
+    path: str = Field(description="POSIX path below the site's storage root")
+
+    @field_validator("path")
+    @classmethod
+    def _relative_and_inside(cls, value: str) -> str:
+        parts = PurePosixPath(value).parts
+        if not parts or PurePosixPath(value).is_absolute() or ".." in parts:
+            raise ValueError(f"must be a relative path inside the storage root, got {value!r}")
+        return value
+
+    @classmethod
+    def under(cls, settings: Settings, site: Site, path: Path) -> StoredFile:
+        """The record of ``path``, which must lie under ``site``'s storage root."""
+        root = settings.storage(site).resolve()
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(f"{path} is not under the {site} storage {root}")
+        return cls(site=site, path=resolved.relative_to(root).as_posix())
+
+    def local_path(self, settings: Settings) -> Path:
+        """Where this process reaches the file: the site's storage root in ``settings`` + the path."""
+        return settings.storage(self.site) / self.path
+
+
+class TomographyRun(_Model):
+    """The tomography stage's product: a catalogued run and its raw files at the beamline."""
+
+    run_uid: str = Field(description="Bluesky run uid in the catalog (/runs)")
     instrument: str
-    files: tuple[Path, ...] = Field(description="Raw files written (detector HDF5 and NeXus)")
-    nexus_path: Path | None = None
+    files: tuple[StoredFile, ...] = Field(description="Raw files written (detector HDF5 and the NXtomo)")
+    nxtomo: StoredFile = Field(description="The raw scan as NeXus NXtomo")
 
 
-class TransferResult(_Model):
-    destination_root: Path
-    files: tuple[Path, ...]
-    manifest_path: Path
+class TransferredRun(_Model):
+    """The transfer stage's product: the raw files verified at the compute facility."""
+
+    catalog_key: str = Field(description="Record of the transfer in the catalog (/processed)")
+    files: tuple[StoredFile, ...]
+    nxtomo: StoredFile = Field(description="The NXtomo file at the compute facility")
+    manifest: StoredFile = Field(description="Sizes and sha256 of every file, written last")
     total_bytes: int
     seconds: float
 
 
-class ReconstructionResult(_Model):
-    volume_path: Path
-    center_px: float
+class ReconstructedVolume(_Model):
+    """The reconstruction stage's product: the volume at the compute facility, catalogued."""
+
+    catalog_key: str = Field(description="The volume in the catalog (/processed)")
+    file: StoredFile
+    center_px: float = Field(description="Rotation-axis column used (px)")
     voxel_size_um: float
     shape_zyx: tuple[int, int, int]
     seconds: float
 
 
-class RegistrationSummary(_Model):
-    sample_from_microscope: list[list[float]]
+class ShippedVolume(_Model):
+    """The volume copied to the microscope site and verified there."""
+
+    file: StoredFile = Field(description="The copy on the microscope's storage: what its stages read")
+    source: StoredFile = Field(description="The volume on the compute facility's storage")
+    sha256: str = Field(description="sha256 of the volume, equal at both sites")
+    size_bytes: int = Field(description="Size of the volume (bytes)")
+    manifest: StoredFile = Field(description="Transfer manifest beside the copy")
+    seconds: float = Field(description="Wall time of the copy and its verification (s)")
+
+
+class MicrographRun(_Model):
+    """A catalogued micrograph run and its files at the microscope."""
+
+    run_uid: str
+    instrument: str
+    files: tuple[StoredFile, ...]
+
+
+class RegisteredMicrograph(_Model):
+    """The registration stage's product: the micrograph's transform into the X-ray volume's frame."""
+
+    catalog_key: str = Field(description="The registration in the catalog (/processed)")
+    method: Literal["fiducials"] = Field(description="How the transform was found")
+    sample_from_microscope: list[list[float]] = Field(description="4x4 transform, microscope stage -> beamline sample (um)")
     scale: float
     rotation_deg: float
     translation_um: tuple[float, float, float]
-    rms_residual_um: float
-    n_matches: int
+    rms_residual_um: float = Field(description="RMS distance of the matched fiducials after the fit (um)")
+    n_matches: int = Field(description="Fiducials matched between the micrograph and the volume")
     slice_index: int
-    section_z_um: float
+    section_z_um: float = Field(description="Height of the sectioned plane in the sample frame (um)")
     matched_fiducials_um: list[tuple[float, float]] = Field(
         default_factory=list, description="Matched fiducial centres in the sample frame (x, y), um"
     )
+
+
+class HandoffResult(_Model):
+    """The ROI hand-off stage's product: where the microscope was sent and how close it landed."""
+
+    catalog_key: str = Field(description="The hand-off in the catalog (/processed)")
+    roi_sample_um: tuple[float, float, float] = Field(description="ROI centre, beamline sample frame (um)")
+    roi_radius_um: float | None = Field(description="Equivalent radius of the chosen feature (um)")
+    stage_x_um: float = Field(description="Microscope stage x commanded (um)")
+    stage_y_um: float = Field(description="Microscope stage y commanded (um)")
+    micrograph_run_uids: list[str] = Field(description="The hand-off micrographs, first pass then corrected")
+    first_pass_offset_um: float | None = Field(
+        description="First pass: distance of the feature from the micrograph's centre, measured in the image (um)"
+    )
+    first_pass_true_error_um: float | None = Field(
+        None, description="Simulation only: first-pass stage position vs the one that truly centres the feature (um)"
+    )
+    observed_offset_um: float | None = Field(
+        description="Final: distance of the feature from the micrograph's centre, measured in the image (um)"
+    )
+    true_error_um: float | None = Field(
+        None, description="Simulation only: final stage position vs the one that truly centres the feature (um)"
+    )
+
+
+class ExperimentReport(_Model):
+    """The report stage's product: the summary (built from the catalog) and its picture."""
+
+    catalog_key: str = Field(description="The report in the catalog (/processed); its metadata is the summary")
+    summary: StoredFile = Field(description="The summary as JSON")
+    picture: StoredFile = Field(description="The PNG report")

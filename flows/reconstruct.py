@@ -23,11 +23,19 @@ import numpy as np
 from prefect import flow
 
 from corrflow.report import progress
-from corrflow.catalog.tiled import open_catalog, register_product
+from corrflow.catalog.tiled import open_catalog, product_key, register_product
 from corrflow.compute.dask_cluster import local_cluster
-from corrflow.flows._common import flow_settings, run_name
-from corrflow.flows.models import ReconstructionParameters, ReconstructionResult, Sample
-from corrflow.config.settings import ComputeSettings
+from corrflow.flows._common import run_name
+from corrflow.flows.models import (
+    ExperimentRequest,
+    ReconstructedVolume,
+    ReconstructionParameters,
+    Sample,
+    StoredFile,
+    TomographyRun,
+    TransferredRun,
+)
+from corrflow.config.settings import ComputeSettings, Settings
 from corrflow.compute.volume import SlabJob, VolumeProduct, read_provenance, reconstruct_nxtomo, reconstruct_slab
 
 
@@ -121,40 +129,45 @@ def reconstruct_on_dask(
     )
 
 
-@flow(name="reconstruct", flow_run_name=run_name("reconstruct"), log_prints=True)
-def reconstruct(
-    sample: Sample,
-    nxtomo_path: Path,
-    run_uid: str,
-    parameters: ReconstructionParameters = ReconstructionParameters(),
-) -> ReconstructionResult:
-    """Reconstruct a transferred NXtomo scan into ``<compute_storage>/<run_uid>/<sample>_volume.nxs``.
+def reconstruction_stage(
+    settings: Settings, request: ExperimentRequest, *, tomography: TomographyRun, transfer: TransferredRun
+) -> ReconstructedVolume:
+    """Reconstruct the transferred NXtomo scan into ``<compute_storage>/<run_uid>/<sample>_volume.nxs``.
 
     The finished volume is registered in the catalog under ``/processed/<run_uid>-volume`` with its
-    provenance (input run uid and sha256, parameters, software versions).
+    provenance (input run uid and sha256, parameters, software versions) and its parent, the
+    transfer record.
     """
-    settings = flow_settings()
+    run_uid, sample = tomography.run_uid, request.sample
     output = settings.compute_storage / run_uid / f"{sample.name}_volume.nxs"
-    product = reconstruct_on_dask(sample, Path(nxtomo_path), output, run_uid, parameters, settings.compute)
+    product = reconstruct_on_dask(
+        sample, transfer.nxtomo.local_path(settings), output, run_uid, request.reconstruction, settings.compute
+    )
+    key = product_key(run_uid, "volume")
     with open_catalog(settings) as catalog:
         register_product(
             catalog,
             product.path,
-            key=f"{run_uid}-volume",
+            key=key,
             dataset="/entry/data/data",
             metadata={
                 "kind": "reconstruction",
                 "parent_run_uids": [run_uid],
+                "parents": {"transfer": transfer.catalog_key},
                 "sample": sample.model_dump(),
                 "units": "1/mm",
                 "axes": ["z", "y", "x"],
                 "voxel_size_um": product.voxel_size_um,
+                "center_px": product.center_px,
+                "shape_zyx": list(product.shape_zyx),
+                "seconds": product.seconds,
                 "provenance": read_provenance(product.path),
             },
         )
     print(f"reconstructed {product.shape_zyx} in {product.seconds:.1f} s, centre {product.center_px:.2f} px")
-    return ReconstructionResult(
-        volume_path=product.path,
+    return ReconstructedVolume(
+        catalog_key=key,
+        file=StoredFile.under(settings, "compute", product.path),
         center_px=product.center_px,
         voxel_size_um=product.voxel_size_um,
         shape_zyx=product.shape_zyx,

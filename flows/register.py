@@ -13,12 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 from numpy.typing import NDArray
-from prefect import flow
 
 from corrflow.report import progress
-from corrflow.catalog.tiled import open_catalog
-from corrflow.flows._common import flow_settings, run_name
-from corrflow.flows.models import MicrographParameters, RegistrationSummary, Sample
+from corrflow.catalog.tiled import open_catalog, product_key, record_product
+from corrflow.flows.models import ExperimentRequest, MicrographRun, RegisteredMicrograph, ShippedVolume, TomographyRun
 from corrflow.processing import transforms
 from corrflow.processing.registration import RegistrationError, RegistrationResult, register_microscope_to_slice
 from corrflow.processing.section_height import estimate_section_height, micrograph_on_slice_grid
@@ -131,15 +129,26 @@ def register_to_volume(
     return VolumeRegistration(fit=fit, slice_index=k, section_z_um=height, sample_from_microscope=refined)
 
 
-@flow(name="register", flow_run_name=run_name("register"), log_prints=True)
-def register(
-    sample: Sample, volume_path: Path, micrograph_run_uid: str, micrograph: MicrographParameters = MicrographParameters()
-) -> RegistrationSummary:
-    """Register the micrograph of run ``micrograph_run_uid`` into the frame of the reconstructed volume."""
-    settings = flow_settings()
+def registration_stage(
+    settings: Settings,
+    request: ExperimentRequest,
+    *,
+    tomography: TomographyRun,
+    volume_shipment: ShippedVolume,
+    micrograph: MicrographRun,
+) -> RegisteredMicrograph:
+    """Register the micrograph into the frame of the microscope site's copy of the X-ray volume.
+
+    The transform, the method, its residual and the matched fiducials are catalogued as
+    ``/processed/<run uid>-registration``, a child of the tomography and the micrograph runs and of
+    the volume product.
+    """
+    uid = tomography.run_uid
     progress.report("register", 0, 1)
-    image = load_micrograph(settings, micrograph_run_uid)
-    registration = register_to_volume(image, Path(volume_path), nominal_section_z_um=micrograph.section_z_um)
+    image = load_micrograph(settings, micrograph.run_uid)
+    volume_path = volume_shipment.file.local_path(settings)
+    print(f"registering micrograph {micrograph.run_uid} into {volume_path.resolve()} (sha256 {volume_shipment.sha256})")
+    registration = register_to_volume(image, volume_path, nominal_section_z_um=request.micrograph.section_z_um)
     fit = registration.fit
     progress.report("register", 1, 1, detail=f"{fit.n_matches} fiducials, {fit.rms_residual_um:.2f} um RMS")
     print(
@@ -147,7 +156,10 @@ def register(
         f"rotation {fit.rotation_deg:.3f} deg, residual {fit.rms_residual_um:.2f} um over {fit.n_matches} fiducials"
     )
     matrix = registration.sample_from_microscope
-    return RegistrationSummary(
+    key = product_key(uid, "registration")
+    result = RegisteredMicrograph(
+        catalog_key=key,
+        method="fiducials",
         sample_from_microscope=transforms.to_list(matrix),
         scale=fit.scale,
         rotation_deg=fit.rotation_deg,
@@ -158,3 +170,18 @@ def register(
         section_z_um=registration.section_z_um,
         matched_fiducials_um=[(float(x), float(y)) for x, y in fit.sample_points_um],
     )
+    with open_catalog(settings) as catalog:
+        record_product(
+            catalog,
+            key,
+            {
+                "kind": "registration",
+                "parent_run_uids": [uid, micrograph.run_uid],
+                "micrograph_run_uid": micrograph.run_uid,
+                "parents": {"volume": product_key(uid, "volume")},
+                "frames": {"from": settings.microscope.frame, "to": settings.beamline.frame},
+                "volume": {"path": str(volume_path.resolve()), "sha256": volume_shipment.sha256},
+                **result.model_dump(mode="json", exclude={"catalog_key"}),
+            },
+        )
+    return result

@@ -73,8 +73,25 @@ def prefect_api(url: str, auth_string: str | None = None, **extra: Any) -> Itera
         updates[ps.PREFECT_API_AUTH_STRING] = auth_string
     for name, value in extra.items():
         updates[getattr(ps, name)] = value
-    with ps.temporary_settings(updates=updates):
-        yield
+    _forget_slot_services()
+    try:
+        with ps.temporary_settings(updates=updates):
+            yield
+    finally:
+        _forget_slot_services()
+
+
+def _forget_slot_services() -> None:
+    """Stop Prefect's concurrency-slot services when this process switches servers.
+
+    Prefect acquires leased slots through one service per set of limit names, made on first use
+    with the client of the server used then; a test process that talks to the session's test server
+    and to the shared facility would otherwise ask the first server for the second one's slots.
+    A process in production talks to one server and never needs this.
+    """
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+
+    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30)
 
 
 class SharedFacility:

@@ -1,15 +1,17 @@
 """Chaining across facilities through a real Prefect server on PostgreSQL.
 
-* ten parallel triggers of one stage for one run create exactly one flow run (idempotency keys);
-* the whole chain: tomography on the beamline pool -> transfer + reconstruction on the compute
-  pool -> volume copied to the microscope site, micrograph + registration against that copy on the
-  microscope pool, with three process workers (one per site) and a Tiled server on PostgreSQL
-  (slow: real processes, ~2 min on 2 cores).
+* ten parallel triggers of one site's part of a chain create exactly one flow run (idempotency keys);
+* the whole chain as deployed, started from the beamline's experiment queue: tomography on the
+  beamline pool -> transfer + reconstruction on the compute pool -> volume copied to the microscope
+  site, micrograph, registration against that copy, ROI hand-off and report on the microscope pool,
+  with three process workers (one per site) and a Tiled server on PostgreSQL; the catalog then holds
+  every product linked to its parents (slow: real processes, ~3 min on 2 cores).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import contextvars
 import threading
 import time
@@ -18,8 +20,8 @@ import uuid
 import pytest
 from facility_helpers import SharedFacility
 
-from corrflow.flows.chain import idempotency_key, trigger_stage
-from corrflow.flows.models import Sample
+from corrflow.flows.models import ExperimentRequest, Sample, StoredFile, TomographyRun
+from corrflow.flows.pipeline import ChainProducts, idempotency_key, trigger_site
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +48,18 @@ async def _delete_runs(runs) -> None:
             await client.delete_flow_run(run.id)
 
 
-def test_idempotency_key_names_run_and_stage():
-    assert idempotency_key("abc", "transfer-reconstruct") == "corrflow:abc:transfer-reconstruct"
-    assert idempotency_key("abc", "transfer-reconstruct") != idempotency_key("abc", "micrograph-register")
-    with pytest.raises(ValueError, match="stage"):
-        idempotency_key("abc", "reconstruct-twice")
-    with pytest.raises(ValueError, match="run_uid"):
-        idempotency_key("", "transfer-reconstruct")
-
-
-def test_ten_parallel_triggers_of_one_stage_create_exactly_one_flow_run(facility):
+def test_ten_parallel_triggers_of_one_site_create_exactly_one_flow_run(facility):
     run_uid = f"test-{uuid.uuid4()}"
-    sample = Sample(name="idem-01")
-    parameters = {"run_uid": run_uid, "files": ["x/a.h5"], "nxtomo_file": "x/a.nxs", "chain": False}
+    request = ExperimentRequest(sample=Sample(name="idem-01"))
+    nxtomo = StoredFile(site="beamline", path="x/a.nxs")
+    products = ChainProducts(tomography=TomographyRun(run_uid=run_uid, instrument="sim-tomo", files=(nxtomo,), nxtomo=nxtomo))
     barrier = threading.Barrier(10)
     ids, errors = [], []
 
     def trigger() -> None:
         barrier.wait()  # all ten hit the server together
         try:
-            ids.append(trigger_stage("transfer-reconstruct", run_uid=run_uid, sample=sample, parameters=parameters).id)
+            ids.append(trigger_site("compute", request, products).id)
         except Exception as exc:  # collected and asserted below
             errors.append(exc)
 
@@ -80,8 +74,9 @@ def test_ten_parallel_triggers_of_one_stage_create_exactly_one_flow_run(facility
         assert not errors, errors
         assert len(ids) == 10 and len(set(ids)) == 1
         assert [r.id for r in runs] == [ids[0]]
-        assert runs[0].idempotency_key == idempotency_key(run_uid, "transfer-reconstruct")
-        assert runs[0].name == "compute · idem-01 · transfer + reconstruct"
+        assert runs[0].idempotency_key == idempotency_key(run_uid, "compute")
+        assert runs[0].name == "compute · idem-01 · transfer + reconstruction"
+        assert {f"run:{run_uid}", "site:compute"} <= set(runs[0].tags)
         assert runs[0].state.is_scheduled()
     finally:
         # No worker may pick up this run with its made-up files later: delete it.
@@ -90,7 +85,7 @@ def test_ten_parallel_triggers_of_one_stage_create_exactly_one_flow_run(facility
 
 async def _runs_of(deployment_name: str):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
     flow_name, name = deployment_name.split("/")
     async with get_client() as client:
@@ -115,15 +110,6 @@ def _wait_for_completed(deployment_name: str, workers, *, timeout_s: float):
     pytest.fail(f"{deployment_name}: no completed run within {timeout_s:.0f} s\n{logs}")
 
 
-async def _logs_of(flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    async with get_client() as client:
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return [log.message for log in logs]
-
-
 async def _runs_named(name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -134,13 +120,14 @@ async def _runs_named(name: str):
 
 @pytest.mark.slow
 def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postgresql(facility):
-    """Submit to the beamline's queue only; the dispatcher, the compute and the microscope stages
-    must follow by themselves, each on its own site's worker."""
-    import json
+    """Submit to the beamline's queue only; the dispatcher, the compute and the microscope parts of
+    the chain must follow by themselves, each on its own site's worker, and the catalog must then
+    hold every product of the chain linked to its parents."""
     from pathlib import Path
 
     from tiled.client import from_uri
 
+    from corrflow.catalog.tiled import plain
     from corrflow.flows.experiment_queue import submit_experiment
     from corrflow.operations.queue import ExperimentQueue
     from corrflow.operations.server import production_settings, start_worker
@@ -159,8 +146,8 @@ def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postg
             priority=5,
         )  # wakes dispatch-queue/beamline on the beamline pool
         _wait_for_completed("dispatch-queue/beamline", workers, timeout_s=300)
-        (compute_run,) = _wait_for_completed("transfer-reconstruct/compute", workers, timeout_s=300)
-        (micro_run,) = _wait_for_completed("micrograph-register/microscope", workers, timeout_s=300)
+        (compute_run,) = _wait_for_completed("correlative-chain/compute", workers, timeout_s=300)
+        (micro_run,) = _wait_for_completed("correlative-chain/microscope", workers, timeout_s=300)
     finally:
         for worker in workers:
             worker.stop()
@@ -168,42 +155,51 @@ def test_full_chain_from_the_queue_through_three_site_workers_and_tiled_on_postg
     assert ExperimentQueue.from_settings(settings).get(entry.id).state == "completed"
     (tomo_run,) = asyncio.run(_runs_named(f"{settings.beamline.name} · chain-01 · tomography"))
     assert tomo_run.state.is_completed()  # ran as a sub-flow of the dispatcher, holding the slot
-    assert micro_run.name == "sim-sem · chain-01 · micrograph + register"
-    run_uid = compute_run.parameters["run_uid"]
-    assert compute_run.idempotency_key == idempotency_key(run_uid, "transfer-reconstruct")
-    assert micro_run.idempotency_key == idempotency_key(run_uid, "micrograph-register")
-    # Every stage's product is on disk, verified, and the raw runs are in the Tiled server's catalog.
+    assert compute_run.name == "compute · chain-01 · transfer + reconstruction"
+    assert micro_run.name == "sim-sem · chain-01 · volume to the microscope + micrograph + registration + ROI hand-off + report"
+    products = micro_run.parameters["products"]
+    run_uid = products["tomography"]["run_uid"]
+    assert compute_run.idempotency_key == idempotency_key(run_uid, "compute")
+    assert micro_run.idempotency_key == idempotency_key(run_uid, "microscope")
+    assert f"experiment:{tomo_run.id}" in compute_run.tags and f"experiment:{tomo_run.id}" in micro_run.tags
+    # Every file that landed at the compute facility is the one the manifest verified.
     destination = settings.compute_storage / run_uid
     manifest = json.loads((destination / "manifest.json").read_text())
     for entry in manifest["files"]:
         assert sha256_file(destination / entry["relative_path"]) == entry["sha256"]
-    compute_volume = Path(micro_run.parameters["volume_path"])  # where the compute facility wrote it
-    assert compute_volume.is_relative_to(settings.compute_storage)
-    # The microscope stage copied it to its own storage and registered against that copy (its log
-    # names the file it read); the copy's sha256 is the compute one's.
-    deadline = time.monotonic() + 30  # the worker's log handler ships its last batch after the run ends
-    while not (lines := [m for m in asyncio.run(_logs_of(micro_run.id)) if m.startswith("registering micrograph ")]):
-        assert time.monotonic() < deadline, "the microscope stage never logged which volume it registered against"
-        time.sleep(1.0)
-    (line,) = lines
-    read_path = Path(line.split(" into ", 1)[1].split(" (sha256 ", 1)[0])
-    read_sha = line.rsplit("(sha256 ", 1)[1].rstrip(")")
-    assert read_path.is_relative_to(settings.microscope_storage.resolve()), line
-    assert sha256_file(read_path) == sha256_file(compute_volume) == read_sha
     root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
     try:
-        runs = root["runs"]
-        tomo = runs[run_uid]
-        assert tomo.metadata["start"]["identification"]["sample_name"] == "chain-01"
-        assert tomo.metadata["stop"]["exit_status"] == "success"
-        samples = [runs[uid].metadata["start"]["identification"]["sample_name"] for uid in runs]
-        assert samples.count("chain-01") == 2, samples  # the tomography and the micrograph
-        micrograph_uid = next(uid for uid in runs if uid != run_uid)
-        assert runs[micrograph_uid].metadata["stop"]["exit_status"] == "success"
-        locations = root["processed"][f"{run_uid}-volume"].metadata["locations"]
-        assert locations["microscope"] == {
-            "path": str(read_path), "sha256": read_sha, "manifest": str(read_path.parent / "volume-manifest.json")
-        }
-        assert locations["compute"] == {"path": str(compute_volume.resolve()), "sha256": read_sha}
+        runs, processed = root["runs"], root["processed"]
+        tomo = plain(runs[run_uid].metadata)
+        assert tomo["start"]["identification"]["sample_name"] == "chain-01"
+        assert tomo["stop"]["exit_status"] == "success"
+        volume = plain(processed[f"{run_uid}-volume"].metadata)
+        registration = plain(processed[f"{run_uid}-registration"].metadata)
+        handoff = plain(processed[f"{run_uid}-handoff"].metadata)
+        report = plain(processed[f"{run_uid}-report"].metadata)
+        micrograph_uid = registration["micrograph_run_uid"]
+        children = [micrograph_uid, *handoff["micrograph_run_uids"]]
+        for uid in children:  # the micrographs are the tomography's children, and each succeeded
+            child = plain(runs[uid].metadata)
+            assert child["start"]["references"]["parent_uids"] == [run_uid]
+            assert child["stop"]["exit_status"] == "success"
+            assert child["start"]["identification"]["sample_name"] == "chain-01"
     finally:
         root.context.close()
+    assert volume["parents"] == {"transfer": f"{run_uid}-transfer"} and volume["parent_run_uids"] == [run_uid]
+    # The registration was made against the microscope's own verified copy of the volume.
+    assert registration["parent_run_uids"] == [run_uid, micrograph_uid]
+    assert registration["parents"] == {"volume": f"{run_uid}-volume"}
+    registered_against = Path(registration["volume"]["path"])
+    assert registered_against.is_relative_to(settings.microscope_storage.resolve())
+    assert registration["volume"] == {"path": volume["locations"]["microscope"]["path"], "sha256": volume["locations"]["compute"]["sha256"]}
+    assert sha256_file(registered_against) == sha256_file(Path(volume["locations"]["compute"]["path"]))
+    assert registration["n_matches"] >= 5 and registration["rms_residual_um"] < 2.0
+    assert handoff["parents"] == {"registration": f"{run_uid}-registration"}
+    assert handoff["parent_run_uids"] == [run_uid, *handoff["micrograph_run_uids"]]
+    assert handoff["true_error_um"] <= 1.0, handoff
+    # The report's summary is the catalog's view of the chain.
+    summary = report["summary"]
+    assert summary["run_uids"] == {"tomography": run_uid, "micrograph": micrograph_uid, "handoff_micrographs": handoff["micrograph_run_uids"]}
+    assert summary["registration"]["sample_from_microscope"] == registration["sample_from_microscope"]
+    assert Path(summary["report_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -61,8 +61,12 @@ def _start_long_tomography(sample: str, projections: int):
     from prefect.deployments import run_deployment
 
     return run_deployment(
-        "tomography-chain/beamline",
-        parameters={"sample": {"name": sample}, "tomography": {"num_projections": projections}, "chain": False},
+        "correlative-chain/beamline",
+        parameters={
+            "request": {"sample": {"name": sample}, "tomography": {"num_projections": projections}},
+            "site": "beamline",
+            "chain": False,
+        },
         timeout=0,
         as_subflow=False,
     ).id

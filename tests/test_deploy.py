@@ -142,17 +142,19 @@ def test_deployments_carry_typed_forms_schedules_and_site_pools(server):
         async with get_client() as client:
             return {
                 name: await client.read_deployment_by_name(name)
-                for name in ("tomography-chain/beamline", "transfer-reconstruct/compute", "flight-check/microscope")
+                for name in ("correlative-chain/beamline", "correlative-chain/compute", "flight-check/microscope")
             }
 
     deployments = _run(read())
-    tomo = deployments["tomography-chain/beamline"]
-    assert tomo.work_pool_name == "corrflow-beamline" and tomo.entrypoint == "corrflow.flows.chain:tomography_chain"
+    tomo = deployments["correlative-chain/beamline"]
+    assert tomo.work_pool_name == "corrflow-beamline" and tomo.entrypoint == "corrflow.flows.pipeline:correlative_chain"
+    assert tomo.parameters == {"site": "beamline"}
     schema = tomo.parameter_openapi_schema
     fields = schema["definitions"]["TomographyParameters"]["properties"]
     assert fields["exposure_s"]["description"] == "Exposure per frame (s)" and fields["exposure_s"]["exclusiveMinimum"] == 0
     assert "Sample" in schema["definitions"] and tomo.enforce_parameter_schema
-    assert deployments["transfer-reconstruct/compute"].work_pool_name == "corrflow-compute"
+    compute = deployments["correlative-chain/compute"]
+    assert compute.work_pool_name == "corrflow-compute" and compute.parameters == {"site": "compute"}
     check = deployments["flight-check/microscope"]
     assert check.parameters == {"site": "microscope"}
     assert [s.schedule.cron for s in check.schedules] == ["*/30 * * * *"]
@@ -177,7 +179,7 @@ def test_site_files_reject_unknown_keys_and_file_paths():
     from corrflow.deployments import DeploymentSpec, ScheduleSpec
 
     with pytest.raises(ValidationError, match="entrypoint"):
-        DeploymentSpec(entrypoint="flows/chain.py:tomography_chain", description="x")
+        DeploymentSpec(entrypoint="flows/pipeline.py:correlative_chain", description="x")
     with pytest.raises(ValidationError, match="exactly one"):
         ScheduleSpec(cron="* * * * *", interval_s=5)
     with pytest.raises(ValidationError, match="Extra inputs"):

@@ -50,7 +50,7 @@ def test_server_up_serves_prefect_and_tiled_on_new_postgresql_databases_then_dep
             assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         lines = [line for line in deploy.stdout.splitlines() if line.strip()]
         assert lines and all(line.startswith("unchanged") for line in lines), deploy.stdout
-        assert "deployment" in deploy.stdout and "tomography-chain/beamline" in deploy.stdout
+        assert "deployment" in deploy.stdout and "correlative-chain/beamline" in deploy.stdout
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         try:

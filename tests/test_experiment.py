@@ -17,15 +17,25 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 @pytest.fixture(scope="module")
 def experiment(prefect_harness, data_root: Path) -> dict:
-    from corrflow.flows.experiment import correlative_experiment
-    from corrflow.flows.models import Sample
+    """The in-process runner, with the settings its caller validated (as `corrflow demo` gives them)."""
+    from corrflow.config.settings import activate
+    from corrflow.flows.models import ExperimentRequest, Sample
+    from corrflow.flows.pipeline import correlative_experiment
+    from corrflow.flows.report import read_summary
 
-    return correlative_experiment(sample=Sample(name="spine-test-01"))
+    settings = load_settings(data_root=data_root)
+    activate(settings)
+    try:
+        products = correlative_experiment(request=ExperimentRequest(sample=Sample(name="spine-test-01")))
+    finally:
+        activate(None)
+    return read_summary(settings, products.tomography.run_uid)
 
 
 def test_parent_flow_writes_summary_with_every_product(experiment):
     summary = json.loads(Path(experiment["summary_path"]).read_text())
-    assert set(summary["run_uids"]) == {"tomography", "micrograph"}
+    assert summary == experiment  # the file and the catalog's record are one summary
+    assert set(summary["run_uids"]) == {"tomography", "micrograph", "handoff_micrographs"}
     for key in ("raw_nxtomo_path", "volume_path", "report_png", "summary_path"):
         assert Path(summary[key]).is_file(), key
     assert Path(summary["report_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,8 +168,9 @@ def test_flow_run_names_say_sample_and_stage(experiment):
             return [run.name for run in await client.read_flow_runs(limit=50)]
 
     found = asyncio.run(names())
-    for stage in ("acquire tomography", "transfer", "reconstruct", "acquire micrograph", "register", "ROI hand-off",
-                  "correlative experiment"):
+    from corrflow.flows.pipeline import PIPELINE
+
+    for stage in [*(s.title for s in PIPELINE), "correlative experiment"]:
         assert f"spine-test-01 · {stage}" in found, (stage, found)
 
 
@@ -181,3 +192,33 @@ def test_the_microscope_stages_read_a_verified_copy_on_the_microscope_storage(ex
         locations = catalog.processed[f"{uid}-volume"].metadata["locations"]
     assert locations["microscope"]["path"] == str(local) and locations["compute"]["path"] == str(compute.resolve())
     assert locations["microscope"]["sha256"] == locations["compute"]["sha256"] == shipped["sha256"]
+
+
+def test_every_product_is_catalogued_with_its_parents(experiment):
+    """The catalog holds the whole chain: raw runs, transfer, volume, registration, hand-off and the
+    report, each linked to the runs and products it came from."""
+    from corrflow.catalog.tiled import open_catalog, plain
+
+    uid = experiment["run_uids"]["tomography"]
+    micrograph_uid = experiment["run_uids"]["micrograph"]
+    handoff_uids = experiment["run_uids"]["handoff_micrographs"]
+    with open_catalog(load_settings()) as catalog:
+        records = {kind: plain(catalog.processed[f"{uid}-{kind}"].metadata) for kind in ("transfer", "volume", "registration", "handoff", "report")}
+        micrographs = {u: plain(catalog.runs[u].metadata) for u in (micrograph_uid, *handoff_uids)}
+    assert records["transfer"]["parent_run_uids"] == [uid]
+    assert records["volume"]["parents"] == {"transfer": f"{uid}-transfer"}
+    registration = records["registration"]
+    assert registration["parent_run_uids"] == [uid, micrograph_uid]
+    assert registration["parents"] == {"volume": f"{uid}-volume"}
+    assert registration["frames"] == {"from": "microscope_stage", "to": "beamline_sample"}
+    assert registration["method"] == "fiducials" and registration["n_matches"] >= 5
+    assert registration["sample_from_microscope"] == experiment["registration"]["sample_from_microscope"]
+    handoff = records["handoff"]
+    assert handoff["parents"] == {"registration": f"{uid}-registration"}
+    assert handoff["parent_run_uids"] == [uid, *handoff_uids] and len(handoff_uids) == 2
+    assert handoff["true_error_um"] == experiment["roi_handoff"]["true_error_um"]
+    assert records["report"]["summary"] == experiment
+    assert set(records["report"]["parents"].values()) == {f"{uid}-{k}" for k in ("transfer", "volume", "registration", "handoff")}
+    for run in micrographs.values():  # every micrograph follows from the tomography run
+        assert run["start"]["references"]["parent_uids"] == [uid], run["start"]["references"]
+        assert run["stop"]["exit_status"] == "success"

@@ -1,9 +1,10 @@
 """The reconstructed volume travels to the microscope site, sha256-verified, and the microscope's
-stages read that copy (the whole chain through real workers: tests/test_chain.py)."""
+stages read that copy: the pipeline table gives registration and the hand-off the shipment's
+product as their input (tests/test_pipeline.py), and the chain through real workers records the
+copy it registered against (tests/test_chain.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_the_volume_is_copied_to_the_microscope_storage_verified_and_catalogued(
     settings, volume = compute_volume
     shipped = ship_volume_to_microscope(settings, RUN_UID, volume)
 
-    local = shipped.volume_path
+    local = shipped.file.local_path(settings).resolve()
+    assert shipped.file.site == "microscope" and shipped.source.site == "compute"
     assert local.is_file() and local.is_relative_to(settings.microscope_storage.resolve())
     assert local == settings.microscope_storage.resolve() / RUN_UID / volume.name
     assert sha256_file(local) == sha256_file(volume) == shipped.sha256
@@ -69,12 +71,12 @@ def test_the_volume_is_copied_to_the_microscope_storage_verified_and_catalogued(
         assert product.metadata["kind"] == "reconstruction"  # the rest of the record is kept
     # Shipping again is a no-op on the bytes (identical copy kept), and a corrupt copy is re-sent.
     again = ship_volume_to_microscope(settings, RUN_UID, Path(RUN_UID) / volume.name)  # relative to compute storage
-    assert again.volume_path == local and again.sha256 == shipped.sha256
+    assert again.file == shipped.file and again.sha256 == shipped.sha256
     with open(local, "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xfe")
     repaired = ship_volume_to_microscope(settings, RUN_UID, volume)
-    assert sha256_file(repaired.volume_path) == sha256_file(volume)
+    assert sha256_file(repaired.file.local_path(settings)) == sha256_file(volume)
     assert sha256_file(volume) == shipped.sha256  # the compute copy was never touched
 
 
@@ -85,40 +87,3 @@ def test_only_volumes_of_the_compute_storage_with_a_catalog_product_are_shipped(
         ship_volume_to_microscope(settings, RUN_UID, elsewhere)
     with pytest.raises(KeyError, match="no product"):
         ship_volume_to_microscope(settings, "another-run", volume)
-
-
-def test_the_microscope_stage_registers_against_its_own_copy(compute_volume, monkeypatch):
-    """``micrograph_register`` (the microscope site's deployment): the volume it registers against
-    is the copy under the microscope's storage, byte-identical to the compute one."""
-    from corrflow.flows import chain
-    from corrflow.flows.models import AcquisitionResult, MicrographParameters, RegistrationSummary, Sample
-
-    settings, volume = compute_volume
-    monkeypatch.setenv("CORRFLOW_DATA_ROOT", str(settings.data_root))
-    read: list[Path] = []
-
-    def register(sample, volume_path, micrograph_run_uid, micrograph):
-        read.append(Path(volume_path))
-        with h5py.File(volume_path, "r") as f:  # what the registration reads
-            assert f["/entry/data/data"].shape == (6, 16, 16)
-        return RegistrationSummary(
-            sample_from_microscope=np.eye(4).tolist(), scale=1.0, rotation_deg=0.0, translation_um=(0.0, 0.0, 0.0),
-            rms_residual_um=0.1, n_matches=5, slice_index=3, section_z_um=20.0, matched_fiducials_um=[],
-        )
-
-    # The stage's own steps run for real (shipping, catalog); the instrument and the Prefect
-    # machinery around it are stood in for.
-    monkeypatch.setattr(chain, "ship_volume", lambda sample, run_uid, path: ship_volume_to_microscope(settings, run_uid, path))
-    monkeypatch.setattr(chain, "instrument_slot", lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr(
-        chain, "run_micrograph",
-        lambda settings_, sample, micrograph: AcquisitionResult(run_uid="micrograph-1", instrument="sim-sem", files=()),
-    )
-    monkeypatch.setattr(chain, "register", register)
-    result = chain.micrograph_register.fn(
-        Sample(name="s1"), tomography_run_uid=RUN_UID, volume_path=str(volume), micrograph=MicrographParameters()
-    )
-    (path,) = read
-    assert path.is_relative_to(settings.microscope_storage.resolve()) and path != volume
-    assert sha256_file(path) == sha256_file(volume) == result["volume_sha256"]
-    assert result["volume_path"] == str(path)

@@ -34,18 +34,21 @@ class EventCounter:
 
 
 def producer_metadata() -> dict[str, Any]:
-    """Who writes the run: host, process id and, inside a Prefect flow run, its id and name.
+    """Who writes the run: host, process id and, inside a Prefect flow run, the run of that process.
 
     Recorded in every start document (``producer``) so that a run left without a stop document
-    can be traced to the process that died (:mod:`corrflow.catalog.reconcile`).
+    can be traced to the process that died (:mod:`corrflow.catalog.reconcile`). ``flow_run_id`` is
+    the root flow run of the process (the one its worker started, whose state says whether the
+    process lives); ``stage_flow_run_id`` the (sub-)flow run that acquires.
     """
     producer: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
     if "prefect" in sys.modules:  # only inside Prefect: importing it costs seconds (the dry-run CLI)
         from prefect.runtime import flow_run
 
         if flow_run.id is not None:
-            producer["flow_run_id"] = str(flow_run.id)
+            producer["flow_run_id"] = str(flow_run.root_flow_run_id or flow_run.id)
             producer["flow_run_name"] = str(flow_run.name)
+            producer["stage_flow_run_id"] = str(flow_run.id)
     return producer
 
 

@@ -95,12 +95,43 @@ def _child(root: Container, key: str, specs: list[dict[str, str]] | None) -> Con
     return root[key]
 
 
+_contexts: dict[str, Any] = {}
+_contexts_lock = threading.Lock()
+
+
+def _in_process_context(settings: Settings) -> Any:
+    """The client context of the in-process Tiled app of this catalog configuration, made once per
+    process and closed at its exit.
+
+    Building the app costs seconds (it imports and configures the server stack); a client on a
+    started context costs nothing, so every stage of an in-process chain shares one app. The
+    context is kept, not re-opened: closing it releases the app's table storage, which a later
+    start of the same app does not take back.
+    """
+    import atexit
+    import json
+
+    from tiled.client.context import Context
+    from tiled.server.app import build_app_from_config
+
+    config = catalog_config(settings)
+    key = json.dumps(config, sort_keys=True)
+    with _contexts_lock:
+        if key not in _contexts:
+            settings.catalog_dir.mkdir(parents=True, exist_ok=True)
+            (settings.catalog_dir / "data").mkdir(exist_ok=True)
+            context = Context.from_app(build_app_from_config(config))
+            atexit.register(context.close)
+            _contexts[key] = context
+        return _contexts[key]
+
+
 @contextlib.contextmanager
 def open_catalog(settings: Settings) -> Iterator[Catalog]:
     """Yield the catalog's clients; closes what it opened on exit.
 
     With ``settings.catalog.url`` set, connects to that server (with the API key, if any);
-    otherwise serves the embedded SQLite catalog in-process (~6 s to ready, mostly imports).
+    otherwise serves the embedded SQLite catalog in-process (its app built once per process).
     """
     from tiled.client import from_context, from_uri
 
@@ -112,18 +143,8 @@ def open_catalog(settings: Settings) -> Iterator[Catalog]:
             root.context.close()
         return
 
-    from tiled.client.context import Context
-    from tiled.server.app import build_app_from_config
-
-    settings.catalog_dir.mkdir(parents=True, exist_ok=True)
-    (settings.catalog_dir / "data").mkdir(exist_ok=True)
-    app = build_app_from_config(catalog_config(settings))
-    context = Context.from_app(app)
-    try:
-        root = from_context(context)
-        yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
-    finally:
-        context.close()
+    root = from_context(_in_process_context(settings))
+    yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
 
 
 def register_product(
@@ -136,6 +157,38 @@ def register_product(
     return catalog.processed.register(
         Path(path).absolute(), key=key, mimetype="application/x-hdf5", parameters={"dataset": dataset}, metadata=metadata
     )
+
+
+def product_key(run_uid: str, kind: str) -> str:
+    """Key under ``/processed`` of the ``kind`` product (volume, registration, ...) of run ``run_uid``."""
+    if not run_uid or not kind:
+        raise ValueError(f"a product key needs a run uid and a kind, got {run_uid!r}, {kind!r}")
+    return f"{run_uid}-{kind}"
+
+
+def plain(value: Any) -> Any:
+    """Tiled's metadata views (mappings, sequences) as plain dicts and lists, for JSON and comparisons."""
+    from collections.abc import Mapping, Sequence
+
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [plain(v) for v in value]
+    return value
+
+
+def record_product(catalog: Catalog, key: str, metadata: dict[str, Any]) -> Container:
+    """A product that is a record, not a file (a transfer, a registration, a hand-off, a report):
+    a container ``/processed/<key>`` whose metadata is the record.
+
+    A stage that runs again for the same run (a retried flow run) replaces its earlier record, so
+    the catalog holds what the last, complete run of the stage found.
+    """
+    if key in catalog.processed:
+        node = catalog.processed[key]
+        node.replace_metadata(metadata=metadata)
+        return node
+    return catalog.processed.create_container(key, metadata=metadata)
 
 
 def _copy_one_shot_cached_map(self):

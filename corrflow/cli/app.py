@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from corrflow.config.settings import Settings, SettingsError, load_settings
+from corrflow.cli.common import ConfigOption, DataRootOption, console, load
+from corrflow.config.settings import Settings, activate
 
 app = typer.Typer(
     name="corrflow",
@@ -26,7 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 
 def _register_sub_apps() -> None:
@@ -42,23 +41,6 @@ def _register_sub_apps() -> None:
 
 _register_sub_apps()
 
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML settings file (else $CORRFLOW_CONFIG, env, defaults)")
-]
-DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="Root of all local data (overrides settings)")]
-
-
-def _settings(config: Path | None, data_root: Path | None) -> Settings:
-    overrides: dict[str, Any] = {}
-    if data_root is not None:
-        overrides["data_root"] = data_root
-    try:
-        settings = load_settings(config, **overrides)
-    except SettingsError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    return settings
-
 
 def _prepare_runtime(settings: Settings) -> None:
     """Directories and Prefect's environment; must run before Prefect is imported."""
@@ -69,8 +51,8 @@ def _prepare_runtime(settings: Settings) -> None:
     # distributed logs a normal cluster shutdown at INFO, with a traceback; it configures its own
     # loggers from dask's config when imported, so the level is set there.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    # Flows load settings from the environment in their own process; pin them to these.
-    os.environ["CORRFLOW_DATA_ROOT"] = str(settings.data_root)
+    # The flows this process runs use exactly these settings, never a second reading of the environment.
+    activate(settings)
 
 
 @app.command()
@@ -79,34 +61,89 @@ def demo(
     data_root: DataRootOption = None,
     sample: Annotated[str, typer.Option(help="Sample name")] = "sim-sample-01",
     projections: Annotated[int, typer.Option(min=2, help="Number of projections over 180 deg")] = 180,
+    across_facilities: Annotated[
+        bool,
+        typer.Option(
+            "--across-facilities",
+            help="Run the chain as deployed: a Prefect and a Tiled server on loopback, one worker per site, "
+            "the stages on their sites' pools (stopped at the end)",
+        ),
+    ] = False,
 ) -> None:
     """Run a whole simulated correlative experiment: tomography -> transfer -> reconstruction ->
-    micrograph -> registration -> ROI hand-off, and write a summary JSON and a PNG report."""
-    settings = _settings(config, data_root)
+    volume to the microscope -> micrograph -> registration -> ROI hand-off -> report."""
+    settings = load(config, data_root)
     _prepare_runtime(settings)
-    from corrflow.report.progress import StageProgress
-    from corrflow.flows.experiment import correlative_experiment
-    from corrflow.flows.models import Sample, TomographyParameters
+    from corrflow.flows.models import ExperimentRequest, Sample, TomographyParameters
 
     try:
-        sample_model = Sample(name=sample)
-        tomo = TomographyParameters(num_projections=projections)
+        request = ExperimentRequest(sample=Sample(name=sample), tomography=TomographyParameters(num_projections=projections))
     except ValueError as exc:
         console.print(f"[red]invalid demo parameters:[/red] {exc}")
         raise typer.Exit(2) from None
     console.print(f"corrflow demo: data under [bold]{settings.data_root}[/bold]")
-    with StageProgress(console) as progress:
-        summary = correlative_experiment(sample=sample_model, tomography=tomo)
-        progress.finish()
+    # SIGTERM ends the demo as Ctrl-C does: every process it started is stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if across_facilities:
+        summary = _demo_across_facilities(settings, request)
+    else:
+        from corrflow.flows.pipeline import correlative_experiment
+        from corrflow.flows.report import read_summary
+        from corrflow.report.progress import StageProgress
+
+        with StageProgress(console) as progress:
+            products = correlative_experiment(request=request)
+            progress.finish()
+        summary = read_summary(settings, products.tomography.run_uid)
+    print_summary(summary)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _demo_across_facilities(settings: Settings, request: Any) -> dict[str, Any]:
+    from corrflow.flows.pipeline import ChainError, run_on_workers
+    from corrflow.operations.server import ServerError, local_facility, prefect_client
+
+    if "database" not in settings.server.model_fields_set:
+        # One machine, no set-up: the servers keep their data in SQLite files unless told otherwise.
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update={"database": "sqlite"})})
+    console.print("starting a Prefect and a Tiled server, the deployments and one worker per site (loopback) ...")
+    try:
+        with local_facility(settings) as facility, prefect_client(facility.settings):
+            console.print(f"Prefect UI at {facility.settings.prefect.api_url.removesuffix('/api')}; the chain starts at the beamline")
+            try:
+                outcome = run_on_workers(facility.settings, request)
+            except ChainError as exc:
+                console.print(f"[red]{exc}[/red]\n{facility.log_tails()}")
+                raise typer.Exit(1) from None
+    except ServerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"chain across facilities: {outcome.wall_s:.1f} s from the trigger to the report")
+    handovers = [None, *outcome.handovers_s()]
+    for run, handover in zip(outcome.site_runs, handovers):
+        latency = "n/a" if run.start_latency_s is None else f"{run.start_latency_s:.1f} s"
+        duration = "n/a" if run.ended_s is None or run.started_s is None else f"{run.ended_s - run.started_s:.1f} s"
+        after = "" if handover is None else f", {handover:.1f} s after the previous site's run ended"
+        console.print(f"  {run.site:10s} {run.name}: started {latency} after its trigger{after}; ran {duration}")
+    return outcome.summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The figures a person checks first, and where the summary and the report are."""
     table = {
-        "run uids": ", ".join(summary["run_uids"].values()),
+        "run uids": ", ".join([summary["run_uids"]["tomography"], summary["run_uids"]["micrograph"]]),
         "raw NXtomo": summary["raw_nxtomo_path"],
         "volume": summary["volume_path"],
-        "reconstruction NRMSE vs phantom": f"{summary['reconstruction_error']['nrmse']:.3f}",
-        "registration error": f"{summary['registration_error']['rms_um']:.2f} um RMS",
+        "registration": f"{summary['registration']['n_matches']} fiducials, {summary['registration']['rms_residual_um']:.2f} um RMS residual",
         "ROI hand-off": _handoff_line(summary["roi_handoff"]),
         "report": summary["report_png"],
     }
+    if summary.get("reconstruction_error"):
+        table["reconstruction NRMSE vs phantom"] = f"{summary['reconstruction_error']['nrmse']:.3f}"
+        table["registration error"] = f"{summary['registration_error']['rms_um']:.2f} um RMS"
     for key, value in table.items():
         console.print(f"  {key:32s} {value}")
     typer.echo(f"summary: {summary['summary_path']}")
@@ -130,7 +167,7 @@ def dry_run(
     data_root: DataRootOption = None,
 ) -> None:
     """Validate a plan, print its estimate, run it on simulated devices and summarise the messages."""
-    settings = _settings(config, data_root)
+    settings = load(config, data_root)
     from corrflow.acquisition.dryrun import DryRunError, dry_run_plan
 
     try:
@@ -152,7 +189,7 @@ def plans() -> None:
 @app.command("settings")
 def show_settings(config: ConfigOption = None, data_root: DataRootOption = None) -> None:
     """Print the effective, validated settings."""
-    settings = _settings(config, data_root)
+    settings = load(config, data_root)
     typer.echo(settings.model_dump_json(indent=2))
 
 

@@ -15,6 +15,7 @@ values. Directories are created later, by :meth:`Settings.ensure_directories`.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,12 @@ class PrefectSettings(_Section):
     api_url: str | None = Field(None, description="URL of a running Prefect server API, e.g. http://127.0.0.1:4200/api")
     database_url: str | None = Field(
         None, description="Server database; default SQLite in <home>. Production: postgresql+asyncpg://..."
+    )
+    startup_timeout_s: float = Field(
+        180.0,
+        gt=0,
+        description="How long the local (ephemeral) Prefect server may take to start (s); its first start on a new "
+        "data root migrates its database, and Prefect's own 20 s default fails on a busy machine",
     )
 
     @field_validator("api_url")
@@ -202,6 +209,11 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address of both servers; a non-loopback address turns auth on")
     prefect_port: int = Field(4200, ge=1, le=65535)
     tiled_port: int = Field(8000, ge=1, le=65535)
+    database: Literal["postgresql", "sqlite"] = Field(
+        "postgresql",
+        description="Where both servers keep their data: PostgreSQL (production; several processes) or SQLite files "
+        "under <data_root>/server (one machine: `corrflow demo --across-facilities`)",
+    )
     postgres_url: str = Field(
         "postgresql+asyncpg://postgres@127.0.0.1:5432",
         description="PostgreSQL server (no database part): postgresql+asyncpg://USER[:PASSWORD]@HOST:PORT",
@@ -378,6 +390,7 @@ class Settings(BaseSettings):
             "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_DATABASE_CONNECTION_URL": self.prefect_database_url,
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(int(math.ceil(self.prefect.startup_timeout_s))),
         }
         if self.prefect.api_url:
             env["PREFECT_API_URL"] = self.prefect.api_url

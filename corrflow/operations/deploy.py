@@ -265,15 +265,32 @@ async def abootstrap(settings: Settings, *, sites: tuple[SiteSpec, ...] | None =
     async with get_client() as client:
         for site in sites:
             actions.append(await _ensure_work_pool(client, settings.work_pool(site.site), site.pool_description))
-        for site in sites:
-            for section in site.instruments:
-                instrument = getattr(settings, section).name
-                actions.append(await _ensure_limit(client, instrument_limit_name(instrument)))
+        actions += await _ensure_instrument_limits(client, settings, sites)
         for site in sites:
             for spec in site.deployments:
                 actions.append(await _ensure_deployment(client, settings, site, spec))
         actions.append(await _ensure_automation(client, settings))
     return actions
+
+
+async def _ensure_instrument_limits(client: Any, settings: Settings, sites: tuple[SiteSpec, ...]) -> list[Action]:
+    return [
+        await _ensure_limit(client, instrument_limit_name(getattr(settings, section).name))
+        for site in sites
+        for section in site.instruments
+    ]
+
+
+def ensure_instrument_limits(settings: Settings) -> list[Action]:
+    """Create or correct the concurrency limit (1 slot) of every instrument the site files declare,
+    on the server this process talks to (the in-process chain holds the same slots as the deployed one)."""
+    from prefect.client.orchestration import get_client
+
+    async def go() -> list[Action]:
+        async with get_client() as client:
+            return await _ensure_instrument_limits(client, settings, all_sites())
+
+    return asyncio.run(go())
 
 
 def bootstrap(settings: Settings, *, sites: tuple[SiteSpec, ...] | None = None) -> list[Action]:

@@ -95,6 +95,21 @@ def _check_db_name(database: str) -> None:
         raise ValueError(f"database name must match [a-z_][a-z0-9_]*, got {database!r}")
 
 
+def _server_database(settings: Settings, name: str, *, driver: str = "sqlite", asyncpg_dsn: bool = False) -> str:
+    """The URL of the servers' database ``name``: on PostgreSQL, or a SQLite file under ``<data_root>/server``."""
+    server = settings.server
+    if server.database == "sqlite":
+        return f"{driver}:///{server_dir(settings) / (name + '.db')}"
+    return _asyncpg_dsn(server.postgres_url, name) if asyncpg_dsn else server.database_url(name)
+
+
+def _ensure_server_database(settings: Settings, name: str) -> None:
+    if settings.server.database == "postgresql":
+        ensure_database(settings.server.postgres_url, name)
+    else:
+        server_dir(settings).mkdir(parents=True, exist_ok=True)
+
+
 # -- URLs, keys, configurations ---------------------------------------------------------------
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
@@ -222,11 +237,8 @@ def tiled_server_config(settings: Settings) -> dict[str, Any]:
     (see :func:`provision_tiled_keys`), their principals in PostgreSQL.
     """
     server = settings.server
-    in_pg = settings.model_copy(
-        update={"catalog": CatalogSettings(uri=server.database_url(server.catalog_database))}
-    )
-    config = catalog_config(in_pg)
-    tables = _asyncpg_dsn(server.postgres_url, server.catalog_database + "_tables")
+    config = catalog_config(settings.model_copy(update={"catalog": CatalogSettings(uri=_server_database(settings, server.catalog_database))}))
+    tables = _server_database(settings, server.catalog_database + "_tables", asyncpg_dsn=True)
     for tree in config["trees"]:
         tree["args"]["writable_storage"] = [
             tables if str(s).startswith("sqlite:") else s for s in tree["args"]["writable_storage"]
@@ -244,7 +256,7 @@ def tiled_server_config(settings: Settings) -> dict[str, Any]:
             "secret_keys": [_secret_file(settings, "tiled_secret_key", lambda: secrets.token_hex(32))],
             "allow_anonymous_access": False,
         }
-        config["database"] = {"uri": server.database_url(server.catalog_database + "_auth"), "init_if_not_exists": True}
+        config["database"] = {"uri": _server_database(settings, server.catalog_database + "_auth"), "init_if_not_exists": True}
     else:
         config["authentication"] = {"single_user_api_key": tiled_single_user_key(settings), "allow_anonymous_access": True}
     config["uvicorn"] = {"host": server.host, "port": server.tiled_port}
@@ -256,7 +268,7 @@ def prefect_server_environment(settings: Settings) -> dict[str, str]:
     env = {
         "PREFECT_HOME": str(settings.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": server.database_url(server.prefect_database),
+        "PREFECT_API_DATABASE_CONNECTION_URL": _server_database(settings, server.prefect_database, driver="sqlite+aiosqlite"),
         "PREFECT_SERVER_API_HOST": server.host,
         "PREFECT_SERVER_API_PORT": str(server.prefect_port),
         "PREFECT_UI_API_URL": prefect_api_url(settings),
@@ -383,7 +395,7 @@ def _bin(name: str) -> str:
 
 def start_prefect_server(settings: Settings, *, timeout_s: float = 90.0) -> ManagedProcess:
     server = settings.server
-    ensure_database(server.postgres_url, server.prefect_database)
+    _ensure_server_database(settings, server.prefect_database)
     env = _clean_environment(prefect_server_environment(settings))
     command = [_bin("prefect"), "server", "start", "--host", server.host, "--port", str(server.prefect_port), "--analytics-off"]
     proc = _spawn("prefect-server", command, env, server_dir(settings) / "logs", prefect_api_url(settings))
@@ -402,10 +414,10 @@ def start_prefect_server(settings: Settings, *, timeout_s: float = 90.0) -> Mana
 
 def start_tiled_server(settings: Settings, *, timeout_s: float = 90.0) -> ManagedProcess:
     server = settings.server
-    ensure_database(server.postgres_url, server.catalog_database)
-    ensure_database(server.postgres_url, server.catalog_database + "_tables")
+    for database in (server.catalog_database, server.catalog_database + "_tables"):
+        _ensure_server_database(settings, database)
     if server.auth_enabled:
-        ensure_database(server.postgres_url, server.catalog_database + "_auth")
+        _ensure_server_database(settings, server.catalog_database + "_auth")
     settings.catalog_dir.mkdir(parents=True, exist_ok=True)
     (settings.catalog_dir / "data").mkdir(exist_ok=True)
     config = tiled_server_config(settings)
@@ -457,3 +469,56 @@ def servers_up(settings: Settings, *, tiled: bool = True) -> Iterator[dict[str, 
     finally:
         for proc in reversed(list(started.values())):
             proc.stop()
+
+
+@contextlib.contextmanager
+def prefect_client(settings: Settings) -> Iterator[None]:
+    """Point this process's Prefect client at the server the settings describe (the environment
+    :func:`client_environment` gives other processes), for the duration of the block."""
+    import prefect.settings as ps
+
+    updates: dict[Any, Any] = {ps.PREFECT_API_URL: prefect_api_url(settings)}
+    if settings.server.prefect_auth_string:
+        updates[ps.PREFECT_API_AUTH_STRING] = settings.server.prefect_auth_string
+    if settings.server.auth_enabled:
+        updates[ps.PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = True
+    with ps.temporary_settings(updates=updates):
+        yield
+
+
+@dataclass
+class LocalFacility:
+    """A whole facility on this machine (see :func:`local_facility`)."""
+
+    settings: Settings  # what its processes use: the Prefect API, the Tiled URL and key filled in
+    servers: dict[str, ManagedProcess]
+    workers: dict[str, ManagedProcess]
+
+    def log_tails(self, lines: int = 40) -> str:
+        return "\n\n".join(f"--- {proc.name}\n{proc.log_tail(lines)}" for proc in [*self.servers.values(), *self.workers.values()])
+
+
+@contextlib.contextmanager
+def local_facility(settings: Settings) -> Iterator[LocalFacility]:
+    """The three sites on loopback: a Prefect and a Tiled server (on free ports, their databases as
+    ``settings.server.database`` says), the deployments of every site (``corrflow deploy``) and one
+    process worker per site pool. Everything it started is stopped on exit, whatever happened.
+    """
+    from corrflow.operations.deploy import bootstrap
+    from corrflow.operations.sim_facility import free_port
+    from corrflow.config.settings import SITES
+
+    server = settings.server.model_copy(update={"host": "127.0.0.1", "prefect_port": free_port(), "tiled_port": free_port()})
+    facility_settings = settings.model_copy(update={"server": server})
+    workers: dict[str, ManagedProcess] = {}
+    with servers_up(facility_settings) as servers:
+        try:
+            production = production_settings(facility_settings)
+            with prefect_client(facility_settings):
+                bootstrap(production)
+            for site in SITES:
+                workers[site] = start_worker(facility_settings, site)
+            yield LocalFacility(settings=production, servers=servers, workers=workers)
+        finally:
+            for worker in workers.values():
+                worker.stop()

@@ -12,7 +12,7 @@ import logging
 import threading
 from types import TracebackType
 
-PROGRESS_LOGGER = "corrflow.report.progress"
+PROGRESS_LOGGER = "corrflow.progress"
 _logger = logging.getLogger(PROGRESS_LOGGER)
 
 
@@ -68,6 +68,8 @@ class StageProgress(logging.Handler):
     def __enter__(self) -> StageProgress:
         _logger.addHandler(self)
         _logger.setLevel(logging.INFO)
+        # The bars show them; the same lines printed by a console handler up the tree would scroll them away.
+        self._propagate, _logger.propagate = _logger.propagate, False
         self._progress.start()
         return self
 
@@ -76,3 +78,4 @@ class StageProgress(logging.Handler):
     ) -> None:
         self._progress.stop()
         _logger.removeHandler(self)
+        _logger.propagate = self._propagate

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from corrflow.formats.checksums import CHUNK_BYTES, sha256_file
+from corrflow.formats.checksums import CHUNK_BYTES
 
 MANIFEST_NAME = "manifest.json"
 

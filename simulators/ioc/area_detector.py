@@ -35,7 +35,7 @@ import asyncio
 import concurrent.futures
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
