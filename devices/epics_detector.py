@@ -173,6 +173,16 @@ class EpicsAreaDetector(Device):
         """Numpy dtype of the frames (``DataType_RBV``)."""
         return _NUMPY_OF_DATA_TYPE[self.cam.data_type.get()]
 
+    @property
+    def frame_geometry_signals(self) -> dict[str, Any]:
+        """The IOC's frame geometry, for a plan's preflight to read through the RunEngine."""
+        return {"rows": self.cam.array_size_y, "cols": self.cam.array_size_x, "data_type": self.cam.data_type}
+
+    @staticmethod
+    def itemsize_of_data_type(data_type: Any) -> int:
+        """Bytes per pixel of an areaDetector ``DataType`` value."""
+        return _NUMPY_OF_DATA_TYPE[data_type].itemsize
+
     def _timeout_s(self, frames: int = 1) -> float:
         exposure = float(self.exposure_s.get())
         period = max(exposure, float(self.cam.acquire_period.get()))

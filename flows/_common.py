@@ -24,9 +24,9 @@ def sample_name_of(parameters: dict[str, Any]) -> str:
     if sample is None and request is not None:
         sample = getattr(request, "sample", None) or (request.get("sample") if isinstance(request, dict) else None)
         if sample is None:  # a request with the default sample
-            from corrflow.flows.models import Sample
+            from corrflow.flows.models import DEFAULT_SAMPLE
 
-            sample = Sample()
+            sample = DEFAULT_SAMPLE
     if sample is None:
         return "unknown-sample"
     name = getattr(sample, "name", None) or (sample.get("name") if isinstance(sample, dict) else None)

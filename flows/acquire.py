@@ -28,15 +28,14 @@ from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import (
     ExperimentRequest,
-    MicrographParameters,
     MicrographRun,
+    DEFAULT_SAMPLE,
     Sample,
     StoredFile,
-    TomographyParameters,
     TomographyRun,
 )
 from corrflow.formats.nexus import write_nxtomo
-from corrflow.plans.metadata import SampleInfo
+from corrflow.plans.requests import MicrographRequest, TomoScanRequest
 from corrflow.plans.microscopy import micrograph
 from corrflow.plans.tomography import IMAGE_KEY_BY_STREAM, tomo_scan
 from corrflow.simulators.world import SimulatedWorld
@@ -50,12 +49,6 @@ def _scan_directory(root: Path, sample: Sample, kind: str) -> Path:
     # Unique per attempt, so a re-run never writes into (or over) an earlier run's files.
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return root / sample.proposal / sample.name / f"{kind}_{stamp}_{uuid.uuid4().hex[:6]}"
-
-
-def _sample_info(sample: Sample) -> SampleInfo:
-    return SampleInfo(
-        sample_name=sample.name, proposal=sample.proposal, user=sample.user, description=sample.description
-    )
 
 
 def _check_success(run: Any) -> None:
@@ -104,9 +97,10 @@ def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
         x_translation_um=np.concatenate(columns["x"]),
         y_translation_um=np.concatenate(columns["y"]),
         z_translation_um=np.concatenate(columns["z"]),
-        pixel_size_um=float(beamline.detector.pixel_size_um.get()),
-        distance_mm=float(beamline.detector.distance_mm.get()),
-        energy_keV=float(beamline.detector.energy_keV.get()),
+        # The geometry the plan read when it ran, as its start document records it.
+        pixel_size_um=float(parameters["detector_pixel_size_um"]),
+        distance_mm=float(parameters["detector_distance_mm"]),
+        energy_keV=float(parameters["detector_energy_keV"]),
         count_time_s=float(parameters["exposure_s"]),
         sample_name=start["identification"]["sample_name"],
         title=f"{start['identification']['sample_name']} tomography ({start['uid']})",
@@ -114,17 +108,17 @@ def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
     )
 
 
-def run_tomography(settings: Settings, sample: Sample, parameters: TomographyParameters) -> TomographyRun:
+def run_tomography(settings: Settings, sample: Sample, parameters: TomoScanRequest) -> TomographyRun:
     """Run a tomography scan on the beamline, catalogue it, and export the raw scan as NXtomo.
 
-    The plan is validated when it is built, before the RunEngine starts: bad parameters raise
-    ``PlanValidationError`` with nothing moved and nothing written.
+    ``parameters`` is the plan's own request model; the plan's preflight checks it against the
+    beamline as it is now (limits, field of view, disk space), before anything moves or is written,
+    and a problem raises ``PlanValidationError``.
     """
     world = SimulatedWorld(settings.simulation)
     scan_dir = _scan_directory(settings.beamline_storage, sample, "tomo")
     beamline = build_beamline(settings, world, data_dir=scan_dir)
-    # The form's fields are the plan's keyword arguments, one for one (tests/test_acquire_flow.py).
-    plan = tomo_scan(beamline, **parameters.model_dump(), sample=_sample_info(sample))
+    plan = tomo_scan(beamline, **parameters.model_dump(), sample=sample)
     with open_catalog(settings) as catalog:
         close_lost_runs(catalog, beamline.name)
         engine = make_run_engine(
@@ -147,7 +141,7 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomographyPar
 
 
 def run_micrograph(
-    settings: Settings, sample: Sample, parameters: MicrographParameters, *, parent_uids: Sequence[str] = ()
+    settings: Settings, sample: Sample, parameters: MicrographRequest, *, parent_uids: Sequence[str] = ()
 ) -> MicrographRun:
     """Image the sectioned sample on the microscope at the requested stage position and catalogue it.
 
@@ -158,9 +152,8 @@ def run_micrograph(
     microscope = build_microscope(settings, world, data_dir=scan_dir)
     plan = micrograph(
         microscope,
-        stage_x_um=parameters.stage_x_um,
-        stage_y_um=parameters.stage_y_um,
-        sample=_sample_info(sample),
+        **parameters.model_dump(),
+        sample=sample,
         parent_uids=tuple(parent_uids),
     )
     with open_catalog(settings) as catalog:
@@ -193,7 +186,7 @@ def micrograph_stage(settings: Settings, request: ExperimentRequest, *, tomograp
 
 @flow(name="acquire-micrograph", flow_run_name=run_name("acquire micrograph"), log_prints=True)
 def acquire_micrograph(
-    sample: Sample = Sample(), parameters: MicrographParameters = MicrographParameters()
+    sample: Sample = DEFAULT_SAMPLE, parameters: MicrographRequest = MicrographRequest()
 ) -> MicrographRun:
     """One micrograph on the microscope, catalogued in Tiled (a queue entry of plan 'micrograph')."""
     settings = flow_settings()

@@ -18,7 +18,7 @@ from prefect import flow
 from corrflow.config.settings import Settings, Site
 from corrflow.flows._common import flow_settings
 from corrflow.flows.acquire import acquire_micrograph
-from corrflow.flows.models import Sample
+from corrflow.flows.models import DEFAULT_SAMPLE, Sample
 from corrflow.flows.pipeline import correlative_chain
 from corrflow.operations.queue import ExperimentQueue, QueueEntry, QueueError, dispatch
 
@@ -150,7 +150,7 @@ def dispatch_queue(site: Site) -> list[dict[str, Any]]:
 def enqueue_experiment(
     site: Site,
     plan: str,
-    sample: Sample = Sample(),
+    sample: Sample = DEFAULT_SAMPLE,
     parameters: dict[str, Any] | None = None,
     priority: int = 0,
 ) -> int:

@@ -25,7 +25,6 @@ from corrflow.flows.acquire import run_micrograph
 from corrflow.flows.models import (
     ExperimentRequest,
     HandoffResult,
-    MicrographParameters,
     RegisteredMicrograph,
     RoiRequest,
     Sample,
@@ -33,6 +32,7 @@ from corrflow.flows.models import (
     TomographyRun,
 )
 from corrflow.flows.register import load_micrograph
+from corrflow.plans.requests import MicrographRequest
 from corrflow.processing import transforms
 from corrflow.processing.registration import RegistrationError, detect_fiducials
 from corrflow.processing.roi import microscope_target
@@ -129,7 +129,7 @@ def hand_off(
         acquired = run_micrograph(
             settings,
             sample,
-            MicrographParameters(stage_x_um=float(stage[0]), stage_y_um=float(stage[1]), section_z_um=registration.section_z_um),
+            MicrographRequest(stage_x_um=float(stage[0]), stage_y_um=float(stage[1])),
             parent_uids=parent_uids,
         )
         runs.append(acquired.run_uid)

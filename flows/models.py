@@ -1,7 +1,10 @@
 """Typed requests and products of the correlative chain.
 
 The request models are the flows' parameters, so Prefect's UI builds its run forms from them:
-every field has a description and its unit in its name. They validate before anything moves.
+every field has a description and its unit in its name. They validate before anything moves. The
+acquisition parts are the plans' own request models (:mod:`corrflow.plans.requests`) and the one
+:class:`~corrflow.plans.metadata.Sample`, so a form, the queue, ``corrflow dry-run`` and the plan accept
+exactly the same values.
 
 The product models are what each stage of :data:`corrflow.flows.pipeline.PIPELINE` hands to the
 next: small records (catalog keys, run uids, files relative to a site's storage root), never
@@ -18,6 +21,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corrflow.config.settings import Settings, Site
+from corrflow.plans.metadata import Sample
+from corrflow.plans.requests import MicrographRequest, TomoScanRequest
 
 
 class _Model(BaseModel):
@@ -25,51 +30,19 @@ class _Model(BaseModel):
 
 
 # -- requests ---------------------------------------------------------------------------------
-class Sample(_Model):
-    """Who and what: the identification group of every run's metadata."""
+DEFAULT_SAMPLE = Sample(name="sim-sample-01")
+"""The sample of a request that names none (the simulated dry-run sample)."""
 
-    name: str = Field(
-        "sim-sample-01",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-        description="Sample name (letters, digits, '_', '.', '-'); used in file and flow-run names",
-    )
-    proposal: str = Field("sim-0001", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Proposal / experiment id")
-    user: str = Field("local-user", min_length=1, max_length=64, description="Person responsible for the run")
-    description: str = Field("", max_length=500, description="Free text about the sample")
+DEFAULT_TOMOGRAPHY = TomoScanRequest()
+"""The chain's default scan: the plan's own defaults (a half turn, 180 projections)."""
 
 
-class TomographyParameters(_Model):
-    """Settings of a step-scan tomography (0-180 degrees by default; 360 and offset centre optional)."""
+class RegistrationParameters(_Model):
+    """How the micrograph is placed in the volume."""
 
-    num_projections: int = Field(
-        180, ge=2, le=20000,
-        description="Projections in all, equally spaced over [start_deg, stop_deg); a full turn needs twice as many for the same step",
-    )
-    start_deg: float = Field(0.0, description="First rotation angle (deg)")
-    stop_deg: float | None = Field(
-        None, description="End of the angular range (deg), not itself measured; empty = start_deg + rotation_range_deg"
-    )
-    rotation_range_deg: Literal[180.0, 360.0] | None = Field(
-        None, description="180 (half turn, default) or 360 (full turn, needed for an axis offset); or give stop_deg"
-    )
-    axis_offset_um: float = Field(
-        0.0,
-        description="Offset centre / half acquisition (um): stage x shift for the projections that puts the rotation "
-        "axis near a detector edge, widening the field of view; needs rotation_range_deg=360; 0 = centred",
-    )
-    exposure_s: float = Field(0.05, gt=0, le=60, description="Exposure per frame (s)")
-    num_darks: int = Field(5, ge=1, le=1000, description="Dark frames (shutter closed) before the projections")
-    num_flats: int = Field(10, ge=1, le=1000, description="Flat frames (sample out of the beam)")
-    flat_offset_x_um: float = Field(2000.0, description="Sample x move to take it out of the beam for flats (um)")
-
-
-class MicrographParameters(_Model):
-    """Where the microscope images the sectioned sample, in the microscope stage frame."""
-
-    stage_x_um: float = Field(0.0, description="Microscope stage x at the image centre (um)")
-    stage_y_um: float = Field(0.0, description="Microscope stage y at the image centre (um)")
     section_z_um: float = Field(
-        20.0, description="Nominal height of the sectioned plane in the sample frame (um); refined by registration"
+        20.0, allow_inf_nan=False,
+        description="Nominal height of the sectioned plane in the sample frame (um); refined by registration",
     )
 
 
@@ -102,12 +75,13 @@ class RoiRequest(_Model):
 class ExperimentRequest(_Model):
     """Everything one correlative experiment needs, from the tomography to the ROI hand-off."""
 
-    sample: Sample = Field(Sample(), description="The sample and who it belongs to")
-    tomography: TomographyParameters = Field(TomographyParameters(), description="The X-ray scan at the beamline")
+    sample: Sample = Field(DEFAULT_SAMPLE, description="The sample and who it belongs to")
+    tomography: TomoScanRequest = Field(DEFAULT_TOMOGRAPHY, description="The X-ray scan at the beamline (tomo_scan)")
     reconstruction: ReconstructionParameters = Field(
         ReconstructionParameters(), description="Reconstruction at the compute facility"
     )
-    micrograph: MicrographParameters = Field(MicrographParameters(), description="The micrograph of the sectioned sample")
+    micrograph: MicrographRequest = Field(MicrographRequest(), description="The micrograph of the sectioned sample (micrograph)")
+    registration: RegistrationParameters = Field(RegistrationParameters(), description="Micrograph-to-volume registration")
     roi: RoiRequest = Field(RoiRequest(), description="The region of interest handed to the microscope")
 
 

@@ -148,7 +148,7 @@ def registration_stage(
     image = load_micrograph(settings, micrograph.run_uid)
     volume_path = volume_shipment.file.local_path(settings)
     print(f"registering micrograph {micrograph.run_uid} into {volume_path.resolve()} (sha256 {volume_shipment.sha256})")
-    registration = register_to_volume(image, volume_path, nominal_section_z_um=request.micrograph.section_z_um)
+    registration = register_to_volume(image, volume_path, nominal_section_z_um=request.registration.section_z_um)
     fit = registration.fit
     progress.report("register", 1, 1, detail=f"{fit.n_matches} fiducials, {fit.rms_residual_um:.2f} um RMS")
     print(

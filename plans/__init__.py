@@ -1,8 +1,11 @@
 """Bluesky plans of corrflow and the table the CLI and flows look them up in.
 
-Each plan function validates its arguments when called (:class:`PlanValidationError`) and returns
-the plan; its keyword-only parameters are typed so a CLI or a form can be generated from the
-signature. The first positional parameter is the instrument the plan runs on.
+Each plan function checks its arguments when called (:class:`PlanValidationError`) and returns the
+plan; its keyword-only parameters are typed so a CLI or a form can be generated from the signature.
+The first positional parameter is the instrument the plan runs on. ``tomo_scan``,
+``tomo_fly_scan`` and ``micrograph`` are built from their request models (:mod:`.requests`, the one
+definition of what they accept) without touching hardware, and check the instrument in a preflight
+that reads it through the RunEngine before the first motion (:mod:`.preflight`).
 
 Layers (as bluesky's): stubs (:mod:`.stubs`: frames, settle, wait for a position) -> wrappers
 (bluesky's ``run``/``stage``/``finalize`` preprocessors) -> plans: :mod:`.tomography` (step scan),
@@ -25,10 +28,11 @@ from bluesky.utils import MsgGenerator
 from corrflow.plans.alignment import align_rotation_axis, estimate_align_rotation_axis
 from corrflow.plans.fly import tomo_fly_scan
 from corrflow.plans.insitu import estimate_temperature_series, estimate_time_lapse, temperature_series, time_lapse
-from corrflow.plans.metadata import RegionOfInterest, SampleInfo
+from corrflow.plans.metadata import RegionOfInterest, Sample
 from corrflow.plans.microscopy import micrograph
 from corrflow.plans.mosaic import estimate_micrograph_mosaic, estimate_xray_mosaic, micrograph_mosaic, xray_mosaic
 from corrflow.plans.relocation import estimate_relocate_roi, relocate_roi
+from corrflow.plans.requests import MicrographRequest, PlanRequest, TomoFlyScanRequest, TomoScanRequest
 from corrflow.plans.tomography import tomo_scan
 from corrflow.plans.validation import (
     PlanEstimate,
@@ -48,11 +52,15 @@ __all__ = [
     "time_lapse",
     "xray_mosaic",
     "PLAN_SPECS",
+    "MicrographRequest",
     "PlanEstimate",
+    "PlanRequest",
+    "TomoFlyScanRequest",
+    "TomoScanRequest",
     "PlanSpec",
     "PlanValidationError",
     "RegionOfInterest",
-    "SampleInfo",
+    "Sample",
     "estimate_micrograph",
     "estimate_tomo_fly_scan",
     "estimate_tomo_scan",
@@ -75,18 +83,22 @@ class PlanSpec:
     plan: Callable[..., MsgGenerator[Any]]
     estimate: Callable[..., PlanEstimate]
     instrument: Literal["beamline", "microscope"]
+    request: type[PlanRequest] | None = None
+    """The plan's request model (:mod:`.requests`), from which forms and ``corrflow dry-run`` parse it."""
 
 
 PLAN_SPECS: Mapping[str, PlanSpec] = {
-    "tomo_scan": PlanSpec(plan=tomo_scan, estimate=estimate_tomo_scan, instrument="beamline"),
-    "tomo_fly_scan": PlanSpec(plan=tomo_fly_scan, estimate=estimate_tomo_fly_scan, instrument="beamline"),
+    "tomo_scan": PlanSpec(plan=tomo_scan, estimate=estimate_tomo_scan, instrument="beamline", request=TomoScanRequest),
+    "tomo_fly_scan": PlanSpec(
+        plan=tomo_fly_scan, estimate=estimate_tomo_fly_scan, instrument="beamline", request=TomoFlyScanRequest
+    ),
     "xray_mosaic": PlanSpec(plan=xray_mosaic, estimate=estimate_xray_mosaic, instrument="beamline"),
     "temperature_series": PlanSpec(plan=temperature_series, estimate=estimate_temperature_series, instrument="beamline"),
     "time_lapse": PlanSpec(plan=time_lapse, estimate=estimate_time_lapse, instrument="beamline"),
     "align_rotation_axis": PlanSpec(plan=align_rotation_axis, estimate=estimate_align_rotation_axis, instrument="beamline"),
     "micrograph_mosaic": PlanSpec(plan=micrograph_mosaic, estimate=estimate_micrograph_mosaic, instrument="microscope"),
     "relocate_roi": PlanSpec(plan=relocate_roi, estimate=estimate_relocate_roi, instrument="microscope"),
-    "micrograph": PlanSpec(plan=micrograph, estimate=estimate_micrograph, instrument="microscope"),
+    "micrograph": PlanSpec(plan=micrograph, estimate=estimate_micrograph, instrument="microscope", request=MicrographRequest),
 }
 
 PLANS: Mapping[str, Callable[..., MsgGenerator[Any]]] = {name: spec.plan for name, spec in PLAN_SPECS.items()}

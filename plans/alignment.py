@@ -33,7 +33,7 @@ from ophyd import Signal
 from corrflow.devices.beamline import Beamline
 from corrflow.devices.detectors import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
 from corrflow.plans.metadata import (
-    SampleInfo,
+    Sample,
     build_start_metadata,
     identification_metadata,
     references_metadata,
@@ -150,7 +150,7 @@ def align_rotation_axis(
     beamline: Beamline,
     *,
     exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     num_darks: int = 2,
     num_flats: int = 2,
     apply: bool = True,
@@ -185,7 +185,7 @@ def align_rotation_axis(
         On bad arguments, or angles or the flat-field position beyond the soft limits.
     """
     request = validate_tomo_scan(
-        beamline, num_projections=4, exposure_s=exposure_s, sample=sample, start_deg=0.0, stop_deg=360.0,
+        beamline, num_projections=4, exposure_s=exposure_s, sample=sample, start_deg=0.0, rotation_range_deg=360.0,
         num_darks=num_darks, num_flats=num_flats, parent_uids=parent_uids, md=md,
     )
     if not isinstance(apply, bool):
@@ -264,4 +264,4 @@ def estimate_align_rotation_axis(beamline: Beamline, **kwargs: Any) -> PlanEstim
     from corrflow.plans.validation import estimate_tomo_scan
 
     kwargs = {k: v for k, v in _with_defaults(align_rotation_axis, kwargs).items() if k != "apply"}
-    return estimate_tomo_scan(beamline, num_projections=4, start_deg=0.0, stop_deg=360.0, **kwargs)
+    return estimate_tomo_scan(beamline, num_projections=4, start_deg=0.0, rotation_range_deg=360.0, **kwargs)

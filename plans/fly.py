@@ -29,11 +29,19 @@ import bluesky.preprocessors as bpp
 from bluesky.utils import MsgGenerator
 
 from corrflow.devices.beamline import Beamline
-from corrflow.plans.metadata import SampleInfo, settings_metadata
+from corrflow.plans.metadata import Sample, settings_metadata
 from corrflow.plans.tomography import _UNITS as _STEP_UNITS
 from corrflow.plans.tomography import _start_metadata as _step_start_metadata
 from corrflow.plans.tomography import reference_frames
-from corrflow.plans.validation import TomoDevices, TomoFlyScanRequest, validate_tomo_fly_scan
+from corrflow.plans.requests import TomoFlyScanRequest
+from corrflow.plans.validation import (
+    PlanContext,
+    TomoDevices,
+    TomoFlyScanSetup,
+    request_and_context,
+    tomo_devices,
+    tomo_fly_scan_setup,
+)
 
 __all__ = ["tomo_fly_scan"]
 
@@ -49,16 +57,15 @@ _UNITS = {
 def tomo_fly_scan(
     beamline: Beamline | TomoDevices | tuple[Any, Any, Any],
     *,
-    num_projections: int,
-    exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
+    num_projections: int = 180,
+    exposure_s: float = 0.05,
     start_deg: float = 0.0,
-    stop_deg: float | None = None,
-    rotation_range_deg: Literal[180.0, 360.0] | None = None,
+    rotation_range_deg: Literal[180.0, 360.0] = 180.0,
     axis_offset_um: float = 0.0,
     readout_s: float = 0.001,
     run_up_deg: float | None = None,
-    num_darks: int = 10,
+    num_darks: int = 5,
     num_flats: int = 10,
     flat_offset_x_um: float | None = None,
     parent_uids: Sequence[str] = (),
@@ -77,11 +84,10 @@ def tomo_fly_scan(
         Exposure of every frame (s, > 0).
     sample
         Identification of the sample.
-    start_deg, stop_deg
-        Angular range swept while acquiring (deg); ``stop_deg`` defaults to
-        ``start_deg + rotation_range_deg``.
+    start_deg
+        Where the acquisition starts (deg).
     rotation_range_deg
-        180 (default) or 360; give it or ``stop_deg`` (both only if they agree).
+        180 (default) or 360: the frames cover ``[start_deg, start_deg + rotation_range_deg)``.
     axis_offset_um
         Offset centre / half acquisition (um, default 0): stage x shift from its (centred) start during
         the projections; needs ``rotation_range_deg=360``. See
@@ -111,27 +117,14 @@ def tomo_fly_scan(
         On any bad argument (including a rotation speed above the axis' velocity or a path
         beyond its limits), before anything moves.
     """
-    request = validate_tomo_fly_scan(
-        beamline,
-        readout_s=readout_s,
-        run_up_deg=run_up_deg,
-        num_projections=num_projections,
-        exposure_s=exposure_s,
-        sample=sample,
-        start_deg=start_deg,
-        stop_deg=stop_deg,
-        rotation_range_deg=rotation_range_deg,
-        axis_offset_um=axis_offset_um,
-        num_darks=num_darks,
-        num_flats=num_flats,
-        flat_offset_x_um=flat_offset_x_um,
-        parent_uids=parent_uids,
-        md=md,
-    )
-    return _fly_plan(request, _start_metadata(request))
+    devices = tomo_devices(beamline)
+    arguments = dict(locals())
+    del arguments["beamline"], arguments["devices"]
+    request, context = request_and_context(TomoFlyScanRequest, "tomo_fly_scan", arguments)
+    return _fly_plan(devices, request, context)
 
 
-def _start_metadata(request: TomoFlyScanRequest) -> dict[str, Any]:
+def _start_metadata(request: TomoFlyScanSetup) -> dict[str, Any]:
     start = _step_start_metadata(request.tomo)
     detector = request.tomo.devices.detector
     parameters = dict(start["settings"]["parameters"])
@@ -156,15 +149,19 @@ def _start_metadata(request: TomoFlyScanRequest) -> dict[str, Any]:
     return start
 
 
-def _fly_plan(request: TomoFlyScanRequest, start_md: dict[str, Any]) -> MsgGenerator[str]:
+def _fly_plan(devices: TomoDevices, request: TomoFlyScanRequest, context: PlanContext) -> MsgGenerator[str]:
+    setup = yield from tomo_fly_scan_setup(devices, request, context)
+    return (yield from _fly_run(setup, _start_metadata(setup)))
+
+
+def _fly_run(request: TomoFlyScanSetup, start_md: dict[str, Any]) -> MsgGenerator[str]:
     tomo = request.tomo
     stage, shutter = tomo.devices.stage, tomo.devices.shutter
     rotation = stage.rotation
 
     @bpp.run_decorator(md=start_md)
     def run() -> MsgGenerator[str]:
-        x0 = yield from bps.rd(stage.x, default_value=tomo.initial_x_um)
-        rotation0 = yield from bps.rd(rotation, default_value=tomo.initial_rotation_deg)
+        x0, rotation0 = tomo.initial_x_um, tomo.initial_rotation_deg  # as the preflight read them
 
         def restore() -> MsgGenerator[None]:
             yield from bps.mv(rotation.velocity, request.nominal_velocity_deg_per_s)
@@ -179,7 +176,7 @@ def _fly_plan(request: TomoFlyScanRequest, start_md: dict[str, Any]) -> MsgGener
     return (yield from run())
 
 
-def _fly_projections(request: TomoFlyScanRequest) -> MsgGenerator[None]:
+def _fly_projections(request: TomoFlyScanSetup) -> MsgGenerator[None]:
     tomo = request.tomo
     detector, rotation = tomo.devices.detector, tomo.devices.stage.rotation
     # At the start of the run-up at nominal speed, then at the fly speed.

@@ -25,7 +25,7 @@ from bluesky.utils import MsgGenerator
 from corrflow.devices.beamline import Beamline
 from corrflow.plans.fly import tomo_fly_scan
 from corrflow.plans.metadata import (
-    SampleInfo,
+    Sample,
     build_start_metadata,
     identification_metadata,
     references_metadata,
@@ -86,12 +86,12 @@ def temperature_series(
     temperatures_K: Sequence[float],
     num_projections: int,
     exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     tolerance_K: float = 1.0,
     settle_s: float = 30.0,
     fly: bool = False,
     start_deg: float = 0.0,
-    stop_deg: float = 180.0,
+    rotation_range_deg: float = 180.0,
     num_darks: int = 10,
     num_flats: int = 10,
     parent_uids: Sequence[str] = (),
@@ -105,7 +105,7 @@ def temperature_series(
         A :class:`~corrflow.devices.beamline.Beamline` with a heater.
     temperatures_K
         Setpoints in the order visited (K), each within the heater's range.
-    num_projections, exposure_s, start_deg, stop_deg, num_darks, num_flats
+    num_projections, exposure_s, start_deg, rotation_range_deg, num_darks, num_flats
         The tomography scan at each setpoint (see :func:`~corrflow.plans.tomography.tomo_scan`).
     sample
         Identification of the sample.
@@ -151,7 +151,7 @@ def temperature_series(
                 exposure_s=exposure_s,
                 sample=sample,
                 start_deg=start_deg,
-                stop_deg=stop_deg,
+                rotation_range_deg=rotation_range_deg,
                 num_darks=num_darks,
                 num_flats=num_flats,
                 parent_uids=parent_uids,
@@ -227,7 +227,7 @@ def time_lapse(
     num_frames: int,
     interval_s: float,
     exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     temperature_K: float | None = None,
     tolerance_K: float = 1.0,
     settle_s: float = 30.0,

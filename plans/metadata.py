@@ -23,7 +23,7 @@ from corrflow.processing.transforms import to_list
 __all__ = [
     "RESERVED_KEYS",
     "RegionOfInterest",
-    "SampleInfo",
+    "Sample",
     "build_start_metadata",
     "identification_metadata",
     "references_metadata",
@@ -32,31 +32,31 @@ __all__ = [
 
 # Keys the plans own in the start document; user metadata may not replace them.
 RESERVED_KEYS = frozenset(
-    {"identification", "references", "settings", "plan_name", "plan_args", "detectors", "motors", "num_points", "hints"}
+    {
+        "identification", "references", "settings", "plan_name", "plan_args", "detectors", "motors", "num_points", "hints",
+        "nxtomo",
+    }
 )
 
 
-class SampleInfo(BaseModel):
-    """Identification of the sample and the experiment it belongs to.
+class Sample(BaseModel):
+    """Who and what: the sample and the experiment it belongs to (one model for plans, flows and forms).
 
-    Attributes
-    ----------
-    sample_name
-        Name of the sample (no path separators or control characters: it may name files).
-    proposal
-        Proposal (beamtime) identifier.
-    user
-        Responsible user.
-    description
-        Free text.
+    It is recorded as the ``identification`` group of every run (``sample_name``, ``proposal``,
+    ``user``, ``description``: the names NeXus and the catalog search use) and names files and flow
+    runs, hence the restricted character set of ``name``. The proposal and user default to those of
+    a simulated dry-run; a facility's forms and queue entries give their own.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
-    sample_name: str = Field(min_length=1, max_length=200, pattern=r"^[^/\\\x00-\x1f]+$")
-    proposal: str = Field(min_length=1, max_length=100)
-    user: str = Field(min_length=1, max_length=200)
-    description: str = Field("", max_length=2000)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Sample name (letters, digits, '_', '.', '-'; at most 64); used in file and flow-run names",
+    )
+    proposal: str = Field("sim-0001", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Proposal (beamtime) id")
+    user: str = Field("local-user", min_length=1, max_length=64, description="Person responsible for the run")
+    description: str = Field("", max_length=500, description="Free text about the sample")
 
 
 class RegionOfInterest(BaseModel):
@@ -96,11 +96,11 @@ class RegionOfInterest(BaseModel):
         return value
 
 
-def identification_metadata(sample: SampleInfo, *, facility: str, instrument: str) -> dict[str, str]:
+def identification_metadata(sample: Sample, *, facility: str, instrument: str) -> dict[str, str]:
     """The ``identification`` group."""
     return {
         "proposal": sample.proposal,
-        "sample_name": sample.sample_name,
+        "sample_name": sample.name,
         "user": sample.user,
         "facility": facility,
         "instrument": instrument,

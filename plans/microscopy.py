@@ -16,13 +16,21 @@ from bluesky.utils import MsgGenerator
 
 from corrflow.devices.sem import Microscope
 from corrflow.plans.metadata import (
-    SampleInfo,
+    Sample,
     build_start_metadata,
     identification_metadata,
     references_metadata,
     settings_metadata,
 )
-from corrflow.plans.validation import MicrographRequest, PlanValidationError, validate_micrograph
+from corrflow.plans.requests import MicrographRequest
+from corrflow.plans.validation import (
+    MicrographSetup,
+    PlanContext,
+    PlanValidationError,
+    micrograph_setup,
+    microscope_of,
+    request_and_context,
+)
 from corrflow.processing.transforms import similarity
 
 __all__ = ["micrograph"]
@@ -39,9 +47,9 @@ _UNITS = {
 def micrograph(
     microscope: Microscope,
     *,
-    stage_x_um: float,
-    stage_y_um: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
+    stage_x_um: float = 0.0,
+    stage_y_um: float = 0.0,
     exposure_s: float | None = None,
     parent_uids: Sequence[str] = (),
     md: Mapping[str, Any] | None = None,
@@ -68,23 +76,18 @@ def micrograph(
     PlanValidationError
         On any bad argument, before anything moves or is written.
     """
-    request = validate_micrograph(
-        microscope,
-        stage_x_um=stage_x_um,
-        stage_y_um=stage_y_um,
-        sample=sample,
-        exposure_s=exposure_s,
-        parent_uids=parent_uids,
-        md=md,
-    )
-    return _micrograph_plan(request, _start_metadata(request))
+    instrument = microscope_of(microscope)
+    arguments = dict(locals())
+    del arguments["microscope"], arguments["instrument"]
+    request, context = request_and_context(MicrographRequest, "micrograph", arguments)
+    return _micrograph_plan(instrument, request, context)
 
 
-def _start_metadata(request: MicrographRequest) -> dict[str, Any]:
-    detector = request.detector
-    rows, cols = detector.frame_shape_px
-    pixel_um = float(detector.pixel_size_um.get())
-    exposure_s = request.exposure_s if request.exposure_s is not None else float(detector.exposure_s.get())
+def _start_metadata(request: MicrographSetup) -> dict[str, Any]:
+    detector, state = request.detector, request.state.detector
+    rows, cols = state.frame_shape_px
+    pixel_um = state.pixel_size_um
+    exposure_s = request.exposure_s if request.exposure_s is not None else state.exposure_s
     parameters = {
         "stage_x_um": request.stage_x_um,
         "stage_y_um": request.stage_y_um,
@@ -124,7 +127,13 @@ def _start_metadata(request: MicrographRequest) -> dict[str, Any]:
         raise PlanValidationError("micrograph", [str(exc)]) from None
 
 
-def _micrograph_plan(request: MicrographRequest, start_md: dict[str, Any]) -> MsgGenerator[str]:
+def _micrograph_plan(microscope: Microscope, request: MicrographRequest, context: PlanContext) -> MsgGenerator[str]:
+    setup = yield from micrograph_setup(microscope, request, context)
+    return (yield from micrograph_run(setup, _start_metadata(setup)))
+
+
+def micrograph_run(request: MicrographSetup, start_md: dict[str, Any]) -> MsgGenerator[str]:
+    """The micrograph's run for a checked setup (also the last step of ``relocate_roi``)."""
     stage, detector = request.stage, request.detector
 
     @bpp.run_decorator(md=start_md)

@@ -28,7 +28,7 @@ from corrflow.devices.beamline import Beamline
 from corrflow.devices.detectors import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
 from corrflow.devices.sem import Microscope
 from corrflow.plans.metadata import (
-    SampleInfo,
+    Sample,
     build_start_metadata,
     identification_metadata,
     references_metadata,
@@ -147,7 +147,7 @@ def xray_mosaic(
     columns: int,
     rows: int,
     exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     overlap_fraction: float = 0.2,
     angle_deg: float = 0.0,
     center_x_um: float | None = None,
@@ -290,7 +290,7 @@ def micrograph_mosaic(
     rows: int,
     center_x_um: float,
     center_y_um: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     overlap_fraction: float = 0.2,
     exposure_s: float | None = None,
     parent_uids: Sequence[str] = (),

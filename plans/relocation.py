@@ -20,9 +20,9 @@ from numpy.typing import ArrayLike
 from pydantic import ValidationError
 
 from corrflow.devices.sem import Microscope
-from corrflow.plans.metadata import RegionOfInterest, SampleInfo
-from corrflow.plans.microscopy import _micrograph_plan
+from corrflow.plans.metadata import RegionOfInterest, Sample
 from corrflow.plans.microscopy import _start_metadata as _micrograph_start_metadata
+from corrflow.plans.microscopy import micrograph_run
 from corrflow.plans.validation import PlanEstimate, PlanValidationError, estimate_micrograph, validate_micrograph
 from corrflow.processing.transforms import invert, to_list
 
@@ -89,7 +89,7 @@ def relocate_roi(
     *,
     roi: RegionOfInterest | Mapping[str, Any],
     sample_from_microscope: Sequence[Sequence[float]],
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
     transform_target_frame: str = "beamline_sample",
     max_out_of_plane_um: float = 50.0,
     exposure_s: float | None = None,
@@ -130,7 +130,7 @@ def relocate_roi(
     start_md["references"]["roi"] = checked["roi"].model_dump(mode="json")
     start_md["references"]["transforms"][f"{transform_target_frame}_from_{microscope.frame}"] = to_list(checked["matrix"])
     start_md["references"]["roi_in_stage_frame_um"] = checked["target"].tolist()
-    return _micrograph_plan(request, start_md)
+    return micrograph_run(request, start_md)
 
 
 def estimate_relocate_roi(microscope: Microscope, **kwargs: Any) -> PlanEstimate:

@@ -42,14 +42,23 @@ from bluesky.utils import MsgGenerator
 from corrflow.devices.beamline import Beamline
 from corrflow.devices.detectors import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
 from corrflow.plans.metadata import (
-    SampleInfo,
+    Sample,
     build_start_metadata,
     identification_metadata,
     references_metadata,
     settings_metadata,
 )
 from corrflow.plans.stubs import frames_at_positions, repeated_frames
-from corrflow.plans.validation import PlanValidationError, TomoDevices, TomoScanRequest, validate_tomo_scan
+from corrflow.plans.requests import TomoScanRequest
+from corrflow.plans.validation import (
+    PlanContext,
+    PlanValidationError,
+    TomoDevices,
+    TomoScanSetup,
+    request_and_context,
+    tomo_devices,
+    tomo_scan_setup,
+)
 from corrflow.processing.transforms import similarity
 
 __all__ = ["GEOMETRY_CONVENTIONS", "IMAGE_KEY_BY_STREAM", "reference_frames", "tomo_scan"]
@@ -86,14 +95,13 @@ _UNITS = {
 def tomo_scan(
     beamline: Beamline | TomoDevices | tuple[Any, Any, Any],
     *,
-    num_projections: int,
-    exposure_s: float,
-    sample: SampleInfo | Mapping[str, str],
+    sample: Sample | Mapping[str, str],
+    num_projections: int = 180,
+    exposure_s: float = 0.05,
     start_deg: float = 0.0,
-    stop_deg: float | None = None,
-    rotation_range_deg: Literal[180.0, 360.0] | None = None,
+    rotation_range_deg: Literal[180.0, 360.0] = 180.0,
     axis_offset_um: float = 0.0,
-    num_darks: int = 10,
+    num_darks: int = 5,
     num_flats: int = 10,
     flat_offset_x_um: float | None = None,
     parent_uids: Sequence[str] = (),
@@ -111,13 +119,12 @@ def tomo_scan(
     exposure_s
         Exposure time of every frame (s, > 0).
     sample
-        Identification of the sample (:class:`~corrflow.plans.metadata.SampleInfo` or its fields).
-    start_deg, stop_deg
-        Angular range (deg); ``stop_deg`` itself is not measured. ``stop_deg`` defaults to
-        ``start_deg + rotation_range_deg``.
+        Identification of the sample (:class:`~corrflow.plans.metadata.Sample` or its fields).
+    start_deg
+        First projection angle (deg).
     rotation_range_deg
         180 (default: a half turn, a complete parallel-beam set) or 360 (a full turn, needed for
-        ``axis_offset_um``). Give it or ``stop_deg``; both only if they agree.
+        ``axis_offset_um``); the projections cover ``[start_deg, start_deg + rotation_range_deg)``.
     axis_offset_um
         Offset centre / half acquisition (um, default 0 = centred): the stage x is moved by this much
         from its current position, taken to centre the rotation axis on the detector (run
@@ -146,29 +153,19 @@ def tomo_scan(
     Raises
     ------
     PlanValidationError
-        On any bad argument, before anything moves or is written.
+        When called: an argument breaks :class:`~corrflow.plans.requests.TomoScanRequest` (no hardware
+        is read). When run: the preflight finds the scan does not fit the beamline as it is (before
+        anything moves or is written).
     """
-    request = validate_tomo_scan(
-        beamline,
-        num_projections=num_projections,
-        exposure_s=exposure_s,
-        sample=sample,
-        start_deg=start_deg,
-        stop_deg=stop_deg,
-        rotation_range_deg=rotation_range_deg,
-        axis_offset_um=axis_offset_um,
-        num_darks=num_darks,
-        num_flats=num_flats,
-        flat_offset_x_um=flat_offset_x_um,
-        parent_uids=parent_uids,
-        md=md,
-    )
-    start_md = _start_metadata(request)
-    return _tomo_scan_plan(request, start_md)
+    devices = tomo_devices(beamline)
+    arguments = dict(locals())
+    del arguments["beamline"], arguments["devices"]
+    request, context = request_and_context(TomoScanRequest, "tomo_scan", arguments)
+    return _tomo_scan_plan(devices, request, context)
 
 
-def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
-    devices = request.devices
+def _start_metadata(request: TomoScanSetup) -> dict[str, Any]:
+    devices, state = request.devices, request.state
     stage, detector = devices.stage, devices.detector
     angles = request.angles_deg
     parameters = {
@@ -184,12 +181,12 @@ def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
         "num_darks": request.num_darks,
         "num_flats": request.num_flats,
         "flat_offset_x_um": request.flat_offset_x_um,
-        "detector_shape_px": list(detector.frame_shape_px),
-        "detector_pixel_size_um": float(detector.pixel_size_um.get()),
-        "detector_energy_keV": float(detector.energy_keV.get()),
-        "detector_distance_mm": float(detector.distance_mm.get()),
+        "detector_shape_px": list(state.detector.frame_shape_px),
+        "detector_pixel_size_um": state.detector.pixel_size_um,
+        "detector_energy_keV": state.energy_keV,
+        "detector_distance_mm": state.distance_mm,
     }
-    translation_um = (request.projection_x_um, float(stage.y.position), float(stage.z.position))
+    translation_um = (request.projection_x_um, state.y_um, state.z_um)
     lab_from_sample = similarity(rotation_deg=angles[0], translation_um=translation_um)
     try:
         return build_start_metadata(
@@ -224,15 +221,19 @@ def _start_metadata(request: TomoScanRequest) -> dict[str, Any]:
         raise PlanValidationError("tomo_scan", [str(exc)]) from None
 
 
-def _tomo_scan_plan(request: TomoScanRequest, start_md: dict[str, Any]) -> MsgGenerator[str]:
+def _tomo_scan_plan(devices: TomoDevices, request: TomoScanRequest, context: PlanContext) -> MsgGenerator[str]:
+    setup = yield from tomo_scan_setup(devices, request, context)
+    return (yield from _tomo_scan_run(setup, _start_metadata(setup)))
+
+
+def _tomo_scan_run(request: TomoScanSetup, start_md: dict[str, Any]) -> MsgGenerator[str]:
     devices = request.devices
     stage, shutter = devices.stage, devices.shutter
 
     @bpp.run_decorator(md=start_md)
     def run() -> MsgGenerator[str]:
-        # Positions to come back to; in a dry run (no RunEngine) the validated ones stand in.
-        x0 = yield from bps.rd(stage.x, default_value=request.initial_x_um)
-        rotation0 = yield from bps.rd(stage.rotation, default_value=request.initial_rotation_deg)
+        # Positions to come back to: the ones the preflight read.
+        x0, rotation0 = request.initial_x_um, request.initial_rotation_deg
 
         def restore() -> MsgGenerator[None]:
             yield from bps.mv(shutter, "closed", stage.x, x0, stage.rotation, rotation0)
@@ -242,7 +243,7 @@ def _tomo_scan_plan(request: TomoScanRequest, start_md: dict[str, Any]) -> MsgGe
     return (yield from run())
 
 
-def reference_frames(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+def reference_frames(request: TomoScanSetup, *, x0: float) -> MsgGenerator[None]:
     """Dark frames (shutter closed), then flat frames (sample out of the beam); ends with the
     shutter open, the stage at the projection position ``x0 + axis_offset_um`` and ``image_key`` set
     to projection."""
@@ -260,13 +261,13 @@ def reference_frames(request: TomoScanRequest, *, x0: float) -> MsgGenerator[Non
     yield from bps.mv(stage.x, x0 + request.axis_offset_um, detector.image_key, IMAGE_KEY_PROJECTION)
 
 
-def _readables(request: TomoScanRequest) -> list[Any]:
+def _readables(request: TomoScanSetup) -> list[Any]:
     # Geometry (stage), beam (shutter) and, in situ, the sample temperature go with every frame.
     devices = request.devices
     return [devices.stage, devices.shutter] + ([devices.heater] if devices.heater is not None else [])
 
 
-def _streams(request: TomoScanRequest, *, x0: float) -> MsgGenerator[None]:
+def _streams(request: TomoScanSetup, *, x0: float) -> MsgGenerator[None]:
     yield from reference_frames(request, x0=x0)
     devices = request.devices
     yield from frames_at_positions(

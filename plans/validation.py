@@ -1,21 +1,20 @@
-"""Validation, estimates and dry-run summaries of plans, before any device moves.
+"""Plan setups, estimates and dry-run summaries: what a plan will do, before any device moves.
 
-Every plan function validates its arguments when it is *called* and raises
-:class:`PlanValidationError` (a ``ValueError``) listing every problem, before a message is
-yielded: a bad request is refused before a motor moves or a file is written. The same checks
-back :func:`estimate_tomo_scan` (duration and data volume of a scan) and ``corrflow dry-run``
-(:func:`summarize_messages` walks a plan without a RunEngine or hardware).
+A plan builds its request model when called (:mod:`corrflow.plans.requests`: pure, no hardware),
+then, as its first messages, reads the instrument (:mod:`corrflow.plans.preflight`) and checks the
+request against it; :class:`TomoScanSetup` / :class:`TomoFlyScanSetup` / :class:`MicrographSetup`
+hold a request together with the state it was checked against. The estimates
+(:func:`estimate_tomo_scan`, ...) and :func:`summarize_messages` (``corrflow dry-run``) do the same
+outside a RunEngine, answering the reads from the devices (:func:`~corrflow.plans.preflight.read_now`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,57 +33,60 @@ from corrflow.devices.microscope import MicroscopeDetector
 from corrflow.devices.sem import Microscope
 from corrflow.devices.shutter import Shutter
 from corrflow.devices.stage import MicroscopeStage, SampleStage
-from corrflow.plans.metadata import RESERVED_KEYS, SampleInfo
+from corrflow.plans.metadata import RESERVED_KEYS, Sample
+from corrflow.plans.preflight import (
+    DISK_RESERVE_BYTES,
+    MIN_HALF_ACQUISITION_OVERLAP_PX,
+    MicroscopeState,
+    TomoState,
+    check_micrograph,
+    check_tomo_fly_scan,
+    check_tomo_scan,
+    free_bytes,
+    read_microscope_state,
+    read_now,
+    read_tomo_state,
+    resolved_flat_offset_um,
+)
+from corrflow.plans.requests import (
+    MAX_EXPOSURE_S,
+    MAX_PROJECTIONS,
+    MAX_REFERENCE_FRAMES,
+    MicrographRequest,
+    PlanValidationError,
+    TomoFlyScanRequest,
+    TomoScanRequest,
+    problems_of,
+)
 
 __all__ = [
+    "DISK_RESERVE_BYTES",
     "MAX_EXPOSURE_S",
     "MAX_PROJECTIONS",
+    "MAX_REFERENCE_FRAMES",
     "MIN_HALF_ACQUISITION_OVERLAP_PX",
-    "ROTATION_RANGES_DEG",
-    "MicrographRequest",
+    "MicrographSetup",
+    "PlanContext",
     "PlanEstimate",
     "PlanValidationError",
     "TomoDevices",
-    "TomoFlyScanRequest",
-    "TomoScanRequest",
+    "TomoFlyScanSetup",
+    "TomoScanSetup",
     "estimate_micrograph",
     "estimate_tomo_fly_scan",
     "estimate_tomo_scan",
+    "free_bytes",
+    "micrograph_setup",
+    "plan_context",
+    "request_and_context",
     "summarize_messages",
     "tomo_devices",
+    "tomo_fly_scan_setup",
+    "tomo_scan_setup",
     "validate_micrograph",
     "validate_tomo_fly_scan",
     "validate_tomo_scan",
 ]
-
-MAX_EXPOSURE_S = 3600.0
-MAX_PROJECTIONS = 100_000
-MAX_REFERENCE_FRAMES = 10_000
-DISK_RESERVE_BYTES = 100 * 2**20
-"""Free space a plan must leave on the detector's file system (bytes)."""
-ROTATION_RANGES_DEG = (180.0, 360.0)
-"""The rotation ranges ``rotation_range_deg`` names: a half turn (parallel beam: complete) or a full turn."""
-MIN_HALF_ACQUISITION_OVERLAP_PX = 16
-"""Detector columns both half turns of an offset-centre scan must share (nominally, with the axis at the
-detector centre at the current stage x): the reconstruction blends the halves over them and finds the
-true axis by correlating them, and the real axis may sit a few pixels from the nominal one."""
-
-
-def free_bytes(path: Path) -> tuple[int, Path]:
-    """Free bytes on the file system of ``path`` (or of its nearest existing parent), and that parent."""
-    where = Path(path).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    return shutil.disk_usage(where).free, where
-
-
-class PlanValidationError(ValueError):
-    """Plan arguments are wrong; ``problems`` lists each one, naming the argument."""
-
-    def __init__(self, plan_name: str, problems: Sequence[str]) -> None:
-        self.plan_name = plan_name
-        self.problems = tuple(problems)
-        super().__init__(f"{plan_name}: invalid arguments:\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,15 @@ class TomoDevices:
     facility: str = "unknown"
     frame: str = "beamline_sample"
     beam: BeamMonitor | None = None
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What every plan records besides its request: the sample, its parents and the user's metadata."""
+
+    sample: Sample
+    parent_uids: tuple[str, ...]
+    md: dict[str, Any]
 
 
 class _Checks:
@@ -169,18 +180,16 @@ class _Checks:
             return None
         return value
 
-    def sample(self, value: Any) -> SampleInfo | None:
-        if isinstance(value, SampleInfo):
+    def sample(self, value: Any) -> Sample | None:
+        if isinstance(value, Sample):
             return value
         if not isinstance(value, Mapping):
-            self.fail(f"sample must be a SampleInfo or a mapping of its fields, got {type(value).__name__}")
+            self.fail(f"sample must be a Sample or a mapping of its fields, got {type(value).__name__}")
             return None
         try:
-            return SampleInfo.model_validate(dict(value))
+            return Sample.model_validate(dict(value))
         except ValidationError as exc:
-            for error in exc.errors():
-                field = ".".join(str(part) for part in error["loc"])
-                self.fail(f"sample.{field}: {error['msg']} (got {error.get('input')!r})")
+            self.problems.extend(problems_of(exc, prefix="sample."))
             return None
 
     def metadata(self, md: Any) -> dict[str, Any]:
@@ -261,29 +270,95 @@ def tomo_devices(beamline: Any) -> TomoDevices:
     return devices
 
 
+def plan_context(plan_name: str, *, sample: Any, parent_uids: Any = (), md: Any = None) -> PlanContext:
+    """Check the sample, the parent uids and the user's metadata (pure: no hardware)."""
+    checks = _Checks()
+    info = checks.sample(sample)
+    uids = checks.uids("parent_uids", parent_uids)
+    user_md = checks.metadata(md)
+    checks.raise_if_any(plan_name)
+    return PlanContext(sample=info, parent_uids=uids, md=user_md)  # type: ignore[arg-type]  # checked above
+
+
+class _RecordsContext:
+    """The :class:`PlanContext` fields under the names the plan bodies use."""
+
+    context: PlanContext
+
+    @property
+    def sample(self) -> Sample:
+        return self.context.sample
+
+    @property
+    def parent_uids(self) -> tuple[str, ...]:
+        return self.context.parent_uids
+
+    @property
+    def md(self) -> dict[str, Any]:
+        return self.context.md
+
+
 @dataclass(frozen=True)
-class TomoScanRequest:
-    """Validated arguments of ``tomo_scan`` and the instrument state they were checked against."""
+class TomoScanSetup(_RecordsContext):
+    """A checked tomography request, its devices and the beamline state it was checked against."""
 
     devices: TomoDevices
-    num_projections: int
-    start_deg: float
-    stop_deg: float
-    exposure_s: float
-    num_darks: int
-    num_flats: int
-    flat_offset_x_um: float
-    sample: SampleInfo
-    parent_uids: tuple[str, ...]
-    md: dict[str, Any]
-    initial_x_um: float
-    initial_rotation_deg: float
-    axis_offset_um: float = 0.0
+    request: TomoScanRequest
+    context: PlanContext
+    state: TomoState
+
+    # The request's and the state's figures under the names the plan bodies use.
+    @property
+    def num_projections(self) -> int:
+        return self.request.num_projections
+
+    @property
+    def start_deg(self) -> float:
+        return self.request.start_deg
+
+    @property
+    def stop_deg(self) -> float:
+        return self.request.stop_deg
 
     @property
     def rotation_range_deg(self) -> float:
-        """``stop_deg - start_deg`` (deg)."""
-        return self.stop_deg - self.start_deg
+        return self.request.rotation_range_deg
+
+    @property
+    def exposure_s(self) -> float:
+        return self.request.exposure_s
+
+    @property
+    def num_darks(self) -> int:
+        return self.request.num_darks
+
+    @property
+    def num_flats(self) -> int:
+        return self.request.num_flats
+
+    @property
+    def axis_offset_um(self) -> float:
+        return self.request.axis_offset_um
+
+    @property
+    def flat_offset_x_um(self) -> float:
+        return resolved_flat_offset_um(self.request, self.state)
+
+    @property
+    def angles_deg(self) -> tuple[float, ...]:
+        return self.request.angles_deg
+
+    @property
+    def n_frames(self) -> int:
+        return self.request.n_frames
+
+    @property
+    def initial_x_um(self) -> float:
+        return self.state.x.position
+
+    @property
+    def initial_rotation_deg(self) -> float:
+        return self.state.rotation.position
 
     @property
     def half_acquisition(self) -> bool:
@@ -298,169 +373,39 @@ class TomoScanRequest:
     @property
     def nominal_overlap_px(self) -> float:
         """Detector columns both half turns see, if the axis is at the detector centre at ``initial_x_um``."""
-        cols = self.devices.detector.frame_shape_px[1]
-        return cols - 2.0 * abs(self.axis_offset_um) / float(self.devices.detector.pixel_size_um.get())
-
-    @property
-    def angles_deg(self) -> tuple[float, ...]:
-        """Projection angles over ``[start_deg, stop_deg)``, equally spaced (deg)."""
-        step = (self.stop_deg - self.start_deg) / self.num_projections
-        return tuple(self.start_deg + k * step for k in range(self.num_projections))
-
-    @property
-    def n_frames(self) -> int:
-        return self.num_darks + self.num_flats + self.num_projections
-
-
-def validate_tomo_scan(
-    beamline: Any,
-    *,
-    num_projections: Any,
-    exposure_s: Any,
-    sample: Any,
-    start_deg: Any = 0.0,
-    stop_deg: Any = None,
-    rotation_range_deg: Any = None,
-    axis_offset_um: Any = 0.0,
-    num_darks: Any = 10,
-    num_flats: Any = 10,
-    flat_offset_x_um: Any = None,
-    parent_uids: Any = (),
-    md: Any = None,
-) -> TomoScanRequest:
-    """Check every argument of ``tomo_scan`` against types, units and the instrument's limits.
-
-    The checks: ``num_projections`` an integer >= 2; ``exposure_s`` in (0, 3600] s; ``stop_deg``
-    (default ``start_deg + rotation_range_deg``, and ``rotation_range_deg`` default 180) > ``start_deg``,
-    at most one turn apart, every projection angle within the rotation's soft limits;
-    ``rotation_range_deg`` 180 or 360 and, if ``stop_deg`` is given too, equal to ``stop_deg - start_deg``;
-    ``num_darks``, ``num_flats`` integers >= 1; ``flat_offset_x_um`` (default: 1.5 x the detector width)
-    moves the sample out of the field of view (at least one detector width) and stays within the x soft
-    limits; ``sample`` a valid :class:`SampleInfo`; ``md`` a mapping without plan-owned keys.
-
-    A non-zero ``axis_offset_um`` (offset centre, half acquisition) also needs: a full turn
-    (``stop_deg - start_deg == 360``); ``x + axis_offset_um`` within the x soft limits; a nominal overlap
-    ``cols - 2 |axis_offset_um| / pixel_size_um`` of at least :data:`MIN_HALF_ACQUISITION_OVERLAP_PX`
-    columns; and flats that clear the widened field, ``|flat_offset_x_um| >= detector width +
-    |axis_offset_um|``.
-
-    Raises
-    ------
-    PlanValidationError
-        Listing every problem found.
-    """
-    devices = tomo_devices(beamline)
-    checks = _Checks()
-    stage, detector = devices.stage, devices.detector
-    n_proj = checks.integer("num_projections", num_projections, minimum=2, maximum=MAX_PROJECTIONS)
-    exposure = checks.number("exposure_s", exposure_s, unit="s", gt=0.0, le=MAX_EXPOSURE_S)
-    start = checks.number("start_deg", start_deg, unit="deg")
-    span = None
-    if rotation_range_deg is not None:
-        span = checks.number("rotation_range_deg", rotation_range_deg, unit="deg")
-        if span is not None and span not in ROTATION_RANGES_DEG:
-            checks.fail(f"rotation_range_deg must be 180 or 360 deg, got {span}")
-            span = None
-    if stop_deg is None:
-        stop = None if start is None else start + (span if span is not None else ROTATION_RANGES_DEG[0])
-    else:
-        stop = checks.number("stop_deg", stop_deg, unit="deg")
-        if span is not None and start is not None and stop is not None and not math.isclose(stop - start, span):
-            checks.fail(
-                f"stop_deg - start_deg ({stop - start}) disagrees with rotation_range_deg ({span}): give one of them"
-            )
-    axis_offset = checks.number("axis_offset_um", axis_offset_um, unit="um")
-    darks = checks.integer("num_darks", num_darks, minimum=1, maximum=MAX_REFERENCE_FRAMES)
-    flats = checks.integer("num_flats", num_flats, minimum=1, maximum=MAX_REFERENCE_FRAMES)
-    rows, cols = detector.frame_shape_px
-    field_width_um = cols * float(detector.pixel_size_um.get())
-    if flat_offset_x_um is None:
-        flat_offset_x_um = 1.5 * field_width_um
-    offset = checks.number("flat_offset_x_um", flat_offset_x_um, unit="um", nonzero=True)
-    info = checks.sample(sample)
-    uids = checks.uids("parent_uids", parent_uids)
-    user_md = checks.metadata(md)
-
-    if start is not None and stop is not None:
-        if not stop > start:
-            checks.fail(f"stop_deg ({stop}) must be greater than start_deg ({start})")
-        elif stop - start > 360.0:
-            checks.fail(f"stop_deg - start_deg must be at most 360 deg, got {stop - start}")
-        elif n_proj is not None:
-            last = start + (stop - start) * (n_proj - 1) / n_proj
-            low, high = stage.rotation.limits
-            if start < low or last > high:
-                checks.fail(
-                    f"projection angles [{start}, {last}] deg exceed the rotation limits [{low}, {high}] deg"
-                )
-    x0 = float(stage.x.position)
-    if axis_offset:  # offset centre (half acquisition)
-        pixel_um = float(detector.pixel_size_um.get())
-        if start is not None and stop is not None and not math.isclose(stop - start, 360.0):
-            checks.fail(
-                f"axis_offset_um ({axis_offset}) (offset centre, half acquisition) needs a full turn: "
-                f"rotation_range_deg=360, got stop_deg - start_deg = {stop - start}"
-            )
-        overlap_px = cols - 2.0 * abs(axis_offset) / pixel_um
-        if overlap_px < MIN_HALF_ACQUISITION_OVERLAP_PX:
-            largest_um = (cols - MIN_HALF_ACQUISITION_OVERLAP_PX) / 2.0 * pixel_um
-            checks.fail(
-                f"axis_offset_um ({axis_offset}) leaves {overlap_px:.1f} px seen by both half turns; at least "
-                f"{MIN_HALF_ACQUISITION_OVERLAP_PX} px are needed: |axis_offset_um| <= {largest_um:g} um"
-            )
-        low, high = stage.x.limits
-        if not low <= x0 + axis_offset <= high:
-            checks.fail(
-                f"axis_offset_um ({axis_offset}) moves x from {x0} to {x0 + axis_offset} um, outside its limits "
-                f"[{low}, {high}] um"
-            )
-        if offset is not None and abs(offset) < field_width_um + abs(axis_offset):
-            checks.fail(
-                f"flat_offset_x_um ({offset}) must move the widened sample out of the field of view: "
-                f"|offset| >= detector width + |axis_offset_um| = {field_width_um + abs(axis_offset)} um"
-            )
-    if offset is not None:
-        if abs(offset) < field_width_um:
-            checks.fail(
-                f"flat_offset_x_um ({offset}) must move the sample out of the field of view: "
-                f"|offset| >= the detector width {field_width_um} um"
-            )
-        low, high = stage.x.limits
-        if not low <= x0 + offset <= high:
-            checks.fail(
-                f"flat_offset_x_um ({offset}) moves x from {x0} to {x0 + offset} um, outside its limits [{low}, {high}] um"
-            )
-    if n_proj is not None and darks is not None and flats is not None:
-        checks.disk_space(detector, n_frames=n_proj + darks + flats)
-    checks.raise_if_any("tomo_scan")
-    return TomoScanRequest(
-        devices=devices,
-        num_projections=n_proj,  # type: ignore[arg-type]  # checked above
-        start_deg=start,  # type: ignore[arg-type]
-        stop_deg=stop,  # type: ignore[arg-type]
-        exposure_s=exposure,  # type: ignore[arg-type]
-        num_darks=darks,  # type: ignore[arg-type]
-        num_flats=flats,  # type: ignore[arg-type]
-        flat_offset_x_um=offset,  # type: ignore[arg-type]
-        sample=info,  # type: ignore[arg-type]
-        parent_uids=uids,
-        md=user_md,
-        initial_x_um=x0,
-        initial_rotation_deg=float(stage.rotation.position),
-        axis_offset_um=float(axis_offset or 0.0),
-    )
+        detector = self.state.detector
+        return detector.frame_shape_px[1] - 2.0 * abs(self.axis_offset_um) / detector.pixel_size_um
 
 
 @dataclass(frozen=True)
-class TomoFlyScanRequest:
-    """Validated arguments of ``tomo_fly_scan``: those of a step scan plus the continuous rotation."""
+class TomoFlyScanSetup:
+    """A checked fly-scan request: the step-scan setup plus the continuous rotation."""
 
-    tomo: TomoScanRequest
-    readout_s: float
-    period_s: float
-    velocity_deg_per_s: float
-    run_up_deg: float
-    nominal_velocity_deg_per_s: float
+    tomo: TomoScanSetup
+
+    @property
+    def request(self) -> TomoFlyScanRequest:
+        return self.tomo.request  # type: ignore[return-value]  # built from a TomoFlyScanRequest
+
+    @property
+    def readout_s(self) -> float:
+        return self.request.readout_s
+
+    @property
+    def period_s(self) -> float:
+        return self.request.period_s
+
+    @property
+    def velocity_deg_per_s(self) -> float:
+        return self.request.velocity_deg_per_s
+
+    @property
+    def run_up_deg(self) -> float:
+        return self.request.run_up_or_default_deg
+
+    @property
+    def nominal_velocity_deg_per_s(self) -> float:
+        return self.tomo.state.rotation.velocity
 
     @property
     def first_deg(self) -> float:
@@ -473,73 +418,136 @@ class TomoFlyScanRequest:
         return self.tomo.stop_deg + self.run_up_deg
 
 
-def validate_tomo_fly_scan(
-    beamline: Any, *, readout_s: Any = 0.001, run_up_deg: Any = None, **kwargs: Any
-) -> TomoFlyScanRequest:
-    """Check ``tomo_fly_scan``: the step-scan checks, then the continuous rotation.
+@dataclass(frozen=True)
+class MicrographSetup(_RecordsContext):
+    """A checked micrograph request, the microscope's devices and the state it was checked against."""
 
-    The rotation turns at ``(stop_deg - start_deg) / (num_projections * period)`` with
-    ``period = exposure_s + readout_s``; that speed must not exceed the axis' current
-    (nominal) velocity, and the whole path ``[start_deg - run_up_deg, stop_deg + run_up_deg]``
-    must be within the rotation's soft limits. ``run_up_deg`` defaults to two angular steps.
+    stage: MicroscopeStage | EpicsMicroscopeStage
+    detector: MicroscopeDetector | EpicsMicroscopeDetector
+    instrument: str
+    facility: str
+    frame: str
+    request: MicrographRequest
+    context: PlanContext
+    state: MicroscopeState
 
-    Raises
-    ------
-    PlanValidationError
-        Listing every problem found.
+    @property
+    def stage_x_um(self) -> float:
+        return self.request.stage_x_um
+
+    @property
+    def stage_y_um(self) -> float:
+        return self.request.stage_y_um
+
+    @property
+    def exposure_s(self) -> float | None:
+        return self.request.exposure_s
+
+
+def tomo_scan_setup(devices: TomoDevices, request: TomoScanRequest, context: PlanContext):
+    """Plan stub (preflight): read the beamline, check ``request`` against it, return the setup.
+
+    Raises :class:`PlanValidationError` (inside the RunEngine, before any motion) listing every problem.
     """
-    tomo = validate_tomo_scan(beamline, **kwargs)
-    checks = _Checks()
-    readout = checks.number("readout_s", readout_s, unit="s", le=MAX_EXPOSURE_S)
-    if readout is not None and readout < 0:
-        checks.fail(f"readout_s must be >= 0 s, got {readout}")
-    checks.raise_if_any("tomo_fly_scan")
-    period_s = tomo.exposure_s + readout  # type: ignore[operator]
-    span_deg = tomo.stop_deg - tomo.start_deg
-    velocity = span_deg / (tomo.num_projections * period_s)
-    step_deg = span_deg / tomo.num_projections
-    run_up = 2.0 * step_deg if run_up_deg is None else checks.number("run_up_deg", run_up_deg, unit="deg")
-    rotation = tomo.devices.stage.rotation
-    nominal = float(rotation.velocity.get())
-    if velocity > nominal:
-        checks.fail(
-            f"the rotation would turn at {velocity:.4g} deg/s, above its velocity {nominal:.4g} deg/s: "
-            f"lengthen exposure_s or readout_s, or take fewer projections"
-        )
-    if run_up is not None:
-        if run_up < 0:
-            checks.fail(f"run_up_deg must be >= 0 deg, got {run_up}")
-        low, high = rotation.limits
-        if tomo.start_deg - run_up < low or tomo.stop_deg + run_up > high:
-            checks.fail(
-                f"the fly path [{tomo.start_deg - run_up}, {tomo.stop_deg + run_up}] deg (with run-up) exceeds "
-                f"the rotation limits [{low}, {high}] deg"
-            )
-    checks.raise_if_any("tomo_fly_scan")
-    return TomoFlyScanRequest(
-        tomo=tomo,
-        readout_s=float(readout),  # type: ignore[arg-type]
-        period_s=period_s,
-        velocity_deg_per_s=velocity,
-        run_up_deg=float(run_up),  # type: ignore[arg-type]
-        nominal_velocity_deg_per_s=nominal,
+    state = yield from read_tomo_state(devices)
+    check = check_tomo_fly_scan if isinstance(request, TomoFlyScanRequest) else check_tomo_scan
+    problems = check(request, state)  # type: ignore[arg-type]
+    if problems:
+        raise PlanValidationError(request.plan_name, problems)
+    return TomoScanSetup(devices=devices, request=request, context=context, state=state)
+
+
+def tomo_fly_scan_setup(devices: TomoDevices, request: TomoFlyScanRequest, context: PlanContext):
+    """Plan stub (preflight) of a fly scan; see :func:`tomo_scan_setup`."""
+    tomo = yield from tomo_scan_setup(devices, request, context)
+    return TomoFlyScanSetup(tomo=tomo)
+
+
+def micrograph_setup(microscope: Microscope, request: MicrographRequest, context: PlanContext):
+    """Plan stub (preflight) of a micrograph: read the microscope, check, return the setup."""
+    state = yield from read_microscope_state(microscope)
+    problems = check_micrograph(request, state)
+    if problems:
+        raise PlanValidationError(request.plan_name, problems)
+    return MicrographSetup(
+        stage=microscope.stage,
+        detector=microscope.detector,
+        instrument=microscope.name,
+        facility=microscope.facility,
+        frame=microscope.frame,
+        request=request,
+        context=context,
+        state=state,
     )
+
+
+_CONTEXT_ARGUMENTS = ("sample", "parent_uids", "md")
+
+
+def request_and_context(request_model: type, plan_name: str, kwargs: Mapping[str, Any]) -> tuple[Any, PlanContext]:
+    """Build a plan's request model and its :class:`PlanContext` from its keyword arguments (pure),
+    raising one :class:`PlanValidationError` that lists the problems of both."""
+    context_kwargs = {k: kwargs[k] for k in _CONTEXT_ARGUMENTS if k in kwargs}
+    request_kwargs = {k: v for k, v in kwargs.items() if k not in _CONTEXT_ARGUMENTS}
+    problems: list[str] = []
+    request = context = None
+    try:
+        request = request_model.build(**request_kwargs)
+    except PlanValidationError as exc:
+        problems += exc.problems
+    try:
+        context = plan_context(plan_name, **context_kwargs)
+    except PlanValidationError as exc:
+        problems += exc.problems
+    if problems:
+        raise PlanValidationError(plan_name, problems)
+    return request, context
+
+
+def validate_tomo_scan(beamline: Any, **kwargs: Any) -> TomoScanSetup:
+    """Build and check ``tomo_scan(beamline, **kwargs)`` now, reading the beamline directly.
+
+    For estimates and for the plans that take a tomography as one step of theirs; ``tomo_scan``
+    itself checks the instrument in its preflight, through the RunEngine.
+    """
+    devices = tomo_devices(beamline)
+    request, context = request_and_context(TomoScanRequest, "tomo_scan", kwargs)
+    return read_now(tomo_scan_setup(devices, request, context))
+
+
+def validate_tomo_fly_scan(beamline: Any, **kwargs: Any) -> TomoFlyScanSetup:
+    """As :func:`validate_tomo_scan`, for ``tomo_fly_scan``."""
+    devices = tomo_devices(beamline)
+    request, context = request_and_context(TomoFlyScanRequest, "tomo_fly_scan", kwargs)
+    return read_now(tomo_fly_scan_setup(devices, request, context))
+
+
+def microscope_of(microscope: Any) -> Microscope:
+    if not isinstance(microscope, Microscope):
+        raise PlanValidationError("micrograph", [f"microscope must be a Microscope, got {microscope!r}"])
+    return microscope
+
+
+def validate_micrograph(microscope: Any, **kwargs: Any) -> MicrographSetup:
+    """As :func:`validate_tomo_scan`, for ``micrograph``."""
+    microscope = microscope_of(microscope)
+    request, context = request_and_context(MicrographRequest, "micrograph", kwargs)
+    return read_now(micrograph_setup(microscope, request, context))
 
 
 def estimate_tomo_fly_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
     """Duration and data volume of ``tomo_fly_scan(beamline, **kwargs)`` (validates first)."""
-    request = validate_tomo_fly_scan(beamline, **kwargs)
-    tomo = request.tomo
+    setup = validate_tomo_fly_scan(beamline, **kwargs)
+    tomo = setup.tomo
     step = _estimate_tomo(tomo)
-    stage = tomo.devices.stage
-    rotation_v, x_v = request.nominal_velocity_deg_per_s, float(stage.x.velocity.get())
+    rotation_v, x_v = setup.nominal_velocity_deg_per_s, tomo.state.x.velocity
     references_s = (tomo.num_darks + tomo.num_flats) * tomo.exposure_s + _x_travel_um(tomo) / x_v
     motion_s = (
-        abs(request.first_deg - tomo.initial_rotation_deg) / rotation_v
-        + (request.last_deg - request.first_deg) / request.velocity_deg_per_s
-        + abs(request.last_deg - tomo.initial_rotation_deg) / rotation_v
+        abs(setup.first_deg - tomo.initial_rotation_deg) / rotation_v
+        + (setup.last_deg - setup.first_deg) / setup.velocity_deg_per_s
+        + abs(setup.last_deg - tomo.initial_rotation_deg) / rotation_v
     )
-    shutter_s = 3 * float(tomo.devices.shutter.actuation_time_s.get())
+    shutter_s = 3 * tomo.state.shutter_actuation_s
     return PlanEstimate(duration_s=references_s + motion_s + shutter_s, data_bytes=step.data_bytes, n_frames=step.n_frames)
 
 
@@ -556,122 +564,51 @@ def estimate_tomo_scan(beamline: Any, **kwargs: Any) -> PlanEstimate:
     PlanValidationError
         As :func:`validate_tomo_scan`.
     """
-    request = validate_tomo_scan(beamline, **kwargs)
-    return _estimate_tomo(request)
+    return _estimate_tomo(validate_tomo_scan(beamline, **kwargs))
 
 
-def _x_travel_um(request: TomoScanRequest) -> float:
+def _x_travel_um(setup: TomoScanSetup) -> float:
     """Stage x path (um): out for the flats, to the projection position (offset centre), back to the start."""
-    flat, axis = request.flat_offset_x_um, request.axis_offset_um
+    flat, axis = setup.flat_offset_x_um, setup.axis_offset_um
     return abs(flat) + abs(flat - axis) + abs(axis)
 
 
-def _estimate_tomo(request: TomoScanRequest) -> PlanEstimate:
-    stage, detector, shutter = request.devices.stage, request.devices.detector, request.devices.shutter
-    rotation_v = float(stage.rotation.velocity.get())
-    x_v = float(stage.x.velocity.get())
-    angles = request.angles_deg
+def _estimate_tomo(setup: TomoScanSetup) -> PlanEstimate:
+    state = setup.state
+    rotation_v, x_v = state.rotation.velocity, state.x.velocity
+    angles = setup.angles_deg
     motion_s = (
-        abs(angles[0] - request.initial_rotation_deg) / rotation_v
+        abs(angles[0] - setup.initial_rotation_deg) / rotation_v
         + abs(angles[-1] - angles[0]) / rotation_v
-        + abs(angles[-1] - request.initial_rotation_deg) / rotation_v
-        + _x_travel_um(request) / x_v
+        + abs(angles[-1] - setup.initial_rotation_deg) / rotation_v
+        + _x_travel_um(setup) / x_v
     )
-    shutter_s = 3 * float(shutter.actuation_time_s.get())  # close, open, close
-    duration_s = request.n_frames * request.exposure_s + motion_s + shutter_s
-    rows, cols = detector.frame_shape_px
-    frame_bytes = rows * cols * detector.frame_dtype.itemsize
-    return PlanEstimate(duration_s=duration_s, data_bytes=request.n_frames * frame_bytes, n_frames=request.n_frames)
-
-
-@dataclass(frozen=True)
-class MicrographRequest:
-    """Validated arguments of ``micrograph``."""
-
-    stage: MicroscopeStage | EpicsMicroscopeStage
-    detector: MicroscopeDetector | EpicsMicroscopeDetector
-    instrument: str
-    facility: str
-    frame: str
-    stage_x_um: float
-    stage_y_um: float
-    exposure_s: float | None
-    sample: SampleInfo
-    parent_uids: tuple[str, ...]
-    md: dict[str, Any]
-
-
-def validate_micrograph(
-    microscope: Any,
-    *,
-    stage_x_um: Any,
-    stage_y_um: Any,
-    sample: Any,
-    exposure_s: Any = None,
-    parent_uids: Any = (),
-    md: Any = None,
-) -> MicrographRequest:
-    """Check the arguments of ``micrograph``: a ``Microscope``, target within the stage limits.
-
-    Raises
-    ------
-    PlanValidationError
-        Listing every problem found.
-    """
-    if not isinstance(microscope, Microscope):
-        raise PlanValidationError("micrograph", [f"microscope must be a Microscope, got {microscope!r}"])
-    checks = _Checks()
-    x = checks.number("stage_x_um", stage_x_um, unit="um")
-    y = checks.number("stage_y_um", stage_y_um, unit="um")
-    exposure = None if exposure_s is None else checks.number("exposure_s", exposure_s, unit="s", gt=0.0, le=MAX_EXPOSURE_S)
-    for name, value, axis in (("stage_x_um", x, microscope.stage.x), ("stage_y_um", y, microscope.stage.y)):
-        if value is not None:
-            low, high = axis.limits
-            if not low <= value <= high:
-                checks.fail(f"{name} ({value}) is outside the stage limits [{low}, {high}] um")
-    info = checks.sample(sample)
-    uids = checks.uids("parent_uids", parent_uids)
-    user_md = checks.metadata(md)
-    checks.raise_if_any("micrograph")
-    return MicrographRequest(
-        stage=microscope.stage,
-        detector=microscope.detector,
-        instrument=microscope.name,
-        facility=microscope.facility,
-        frame=microscope.frame,
-        stage_x_um=x,  # type: ignore[arg-type]  # checked above
-        stage_y_um=y,  # type: ignore[arg-type]
-        exposure_s=exposure,
-        sample=info,  # type: ignore[arg-type]
-        parent_uids=uids,
-        md=user_md,
-    )
+    shutter_s = 3 * state.shutter_actuation_s  # close, open, close
+    duration_s = setup.n_frames * setup.exposure_s + motion_s + shutter_s
+    return PlanEstimate(duration_s=duration_s, data_bytes=state.detector.frame_bytes(setup.n_frames), n_frames=setup.n_frames)
 
 
 def estimate_micrograph(microscope: Any, **kwargs: Any) -> PlanEstimate:
     """Duration and data volume of ``micrograph(microscope, **kwargs)`` (validates first)."""
-    request = validate_micrograph(microscope, **kwargs)
-    stage, detector = request.stage, request.detector
+    setup = validate_micrograph(microscope, **kwargs)
+    state = setup.state
     travel_s = max(
-        abs(request.stage_x_um - stage.x.position) / stage.x.velocity.get(),
-        abs(request.stage_y_um - stage.y.position) / stage.y.velocity.get(),
+        abs(setup.stage_x_um - state.x.position) / state.x.velocity,
+        abs(setup.stage_y_um - state.y.position) / state.y.velocity,
     )
-    exposure_s = request.exposure_s if request.exposure_s is not None else float(detector.exposure_s.get())
-    rows, cols = detector.frame_shape_px
-    return PlanEstimate(
-        duration_s=travel_s + exposure_s, data_bytes=rows * cols * detector.frame_dtype.itemsize, n_frames=1
-    )
-
+    exposure_s = setup.exposure_s if setup.exposure_s is not None else state.detector.exposure_s
+    return PlanEstimate(duration_s=travel_s + exposure_s, data_bytes=state.detector.frame_bytes(1), n_frames=1)
 
 def summarize_messages(plan: Iterable[Msg]) -> dict[str, Any]:
-    """Walk a plan without a RunEngine (no device is touched) and count what it would do.
+    """Walk a plan without a RunEngine and count what it would do; nothing moves.
 
     Parameters
     ----------
     plan
-        A plan (generator of ``Msg``), e.g. ``tomo_scan(beamline, ...)``. Messages that expect a
-        reply get ``None``, as with ``list(plan)``; plans here read positions with defaults for
-        that case.
+        A plan (generator of ``Msg``), e.g. ``tomo_scan(beamline, ...)``. Its ``read`` and ``locate``
+        messages (the preflight's and the plan's own reads) are answered from the devices, so the
+        preflight checks run as they would in a RunEngine; other messages get ``None``, as with
+        ``list(plan)``.
 
     Returns
     -------
@@ -679,12 +616,28 @@ def summarize_messages(plan: Iterable[Msg]) -> dict[str, Any]:
         ``{"messages": {command: count}, "events": {stream: count}, "runs": n, "total": n}``:
         messages by command, events per stream (``create`` messages by stream name), runs opened,
         and the total number of messages.
+
+    Raises
+    ------
+    PlanValidationError
+        The plan's preflight found a problem.
     """
     commands: Counter[str] = Counter()
     events: Counter[str] = Counter()
-    for msg in plan:
+    iterator = iter(plan)
+    reply: Any = None
+    while True:
+        try:
+            msg = iterator.send(reply) if hasattr(iterator, "send") else next(iterator)
+        except StopIteration:
+            break
         commands[msg.command] += 1
-        if msg.command == "create":
+        reply = None
+        if msg.command == "read":
+            reply = msg.obj.read()
+        elif msg.command == "locate":
+            reply = msg.obj.locate()
+        elif msg.command == "create":
             events[msg.kwargs.get("name", msg.args[0] if msg.args else "primary")] += 1
     return {
         "messages": dict(commands),

@@ -4,34 +4,43 @@ from __future__ import annotations
 
 import pytest
 
-from corrflow.flows.acquire import run_tomography
-from corrflow.flows.models import Sample, TomographyParameters
-from corrflow.plans import PlanValidationError
+from corrflow.catalog.tiled import open_catalog
 from corrflow.config.settings import load_settings
+from corrflow.flows.acquire import run_tomography
+from corrflow.flows.models import DEFAULT_SAMPLE
+from corrflow.plans import PlanValidationError, TomoScanRequest
+from corrflow.plans.metadata import Sample
 
 
-def test_invalid_tomography_is_refused_before_any_file_or_catalog_entry(tmp_path):
+def test_a_scan_beyond_the_rotation_limits_is_refused_by_the_preflight_before_any_file_or_run(tmp_path):
     settings = load_settings(data_root=tmp_path)
     settings.ensure_directories()
-    # Valid for the form (pydantic) but not for the instrument: the stage's rotation limit is 360 deg.
-    parameters = TomographyParameters(start_deg=0.0, stop_deg=720.0, num_projections=10)
-    with pytest.raises(PlanValidationError, match="deg"):
-        run_tomography(settings, Sample(name="bad-input"), parameters)
+    # Valid as a request (no instrument needed) but not on this beamline: the rotation stops at 360 deg.
+    parameters = TomoScanRequest(start_deg=300.0, num_projections=10, exposure_s=0.01)
+    with pytest.raises(PlanValidationError, match="exceed the rotation limits"):
+        run_tomography(settings, DEFAULT_SAMPLE.model_copy(update={"name": "bad-input"}), parameters)
     assert not any(settings.beamline_storage.rglob("*.h5")), "no detector file may be written"
-    assert not (settings.catalog_dir / "catalog.db").exists(), "the catalog must not even be opened"
+    with open_catalog(settings) as catalog:
+        assert len(catalog.runs) == 0, "no run may be recorded"
 
 
-def test_form_level_validation_names_the_field():
+def test_request_level_validation_names_the_field():
     with pytest.raises(ValueError, match="exposure_s"):
-        TomographyParameters(exposure_s=0)
+        TomoScanRequest(num_projections=10, exposure_s=0)
     with pytest.raises(ValueError, match="name"):
-        Sample(name="../../etc")
+        Sample(name="../../etc", proposal="p", user="u")
 
 
-def test_the_tomography_form_fields_are_the_plan_keywords():
+def test_the_tomography_request_fields_are_the_plan_keywords():
     import inspect
 
     from corrflow.plans import tomo_scan
 
-    keywords = {p.name for p in inspect.signature(tomo_scan).parameters.values() if p.kind is p.KEYWORD_ONLY}
-    assert set(TomographyParameters.model_fields) <= keywords
+    from corrflow.plans import micrograph, tomo_fly_scan
+    from corrflow.plans.requests import MicrographRequest, TomoFlyScanRequest
+
+    for plan, model in ((tomo_scan, TomoScanRequest), (tomo_fly_scan, TomoFlyScanRequest), (micrograph, MicrographRequest)):
+        keywords = {p.name: p for p in inspect.signature(plan).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        assert set(model.model_fields) == set(keywords) - {"sample", "parent_uids", "md"}
+        # One definition: the plan's defaults are the model's.
+        assert {name: keywords[name].default for name in model.model_fields} == model().model_dump()

@@ -36,7 +36,7 @@ from corrflow.acquisition.runengine import make_run_engine
 from corrflow.config.settings import Settings, load_settings
 from corrflow.simulators import SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 POINTS = 50
 DUMP_AT = 10
 BEAM_OFF_S = 0.5

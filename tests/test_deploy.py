@@ -150,7 +150,7 @@ def test_deployments_carry_typed_forms_schedules_and_site_pools(server):
     assert tomo.work_pool_name == "corrflow-beamline" and tomo.entrypoint == "corrflow.flows.pipeline:correlative_chain"
     assert tomo.parameters == {"site": "beamline"}
     schema = tomo.parameter_openapi_schema
-    fields = schema["definitions"]["TomographyParameters"]["properties"]
+    fields = schema["definitions"]["TomoScanRequest"]["properties"]
     assert fields["exposure_s"]["description"] == "Exposure per frame (s)" and fields["exposure_s"]["exclusiveMinimum"] == 0
     assert "Sample" in schema["definitions"] and tomo.enforce_parameter_schema
     compute = deployments["correlative-chain/compute"]

@@ -28,7 +28,7 @@ from corrflow.plans.interruptions import (
 
 pytest_plugins = ["epics_fixtures"]
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 
 
 class Recorder:

@@ -207,7 +207,7 @@ def test_a_simulated_scan_converts_to_nxtomo(tmp_path):
             exposure_s=0.05,
             num_darks=2,
             num_flats=3,
-            sample={"sample_name": "s-1", "proposal": "P-1", "user": "ada"},
+            sample={"name": "s-1", "proposal": "P-1", "user": "ada"},
         ),
         lambda name, doc: docs.append((name, doc)),
     )

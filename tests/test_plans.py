@@ -19,17 +19,18 @@ from corrflow.plans import (
     PLAN_SPECS,
     PLANS,
     PlanValidationError,
-    SampleInfo,
+    Sample,
     estimate_tomo_scan,
     micrograph,
     summarize_messages,
+    tomo_fly_scan,
     tomo_scan,
 )
 from corrflow.plans.stubs import set_temperature
 from corrflow.config.settings import load_settings
 from corrflow.simulators import Phantom, SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 ANGLES_DEG = (0.0, 45.0, 90.0, 135.0)
 N_DARKS, N_FLATS = 3, 4
 FLAT_PHOTONS = 2.0e4  # per pixel: well below the uint16 maximum, 0.7 % Poisson noise
@@ -71,7 +72,6 @@ def scan(tmp_path_factory):
             beamline,
             num_projections=len(ANGLES_DEG),
             start_deg=0.0,
-            stop_deg=180.0,
             exposure_s=exposure_s,
             num_darks=N_DARKS,
             num_flats=N_FLATS,
@@ -300,35 +300,87 @@ GOOD = dict(num_projections=10, exposure_s=0.1, num_darks=2, num_flats=2, sample
         ({"num_projections": True}, ["num_projections"]),
         ({"num_darks": 0}, ["num_darks"]),
         ({"num_flats": -1}, ["num_flats"]),
-        ({"start_deg": 300.0, "stop_deg": 500.0}, ["rotation limits"]),
-        ({"start_deg": -400.0, "stop_deg": -300.0}, ["rotation limits"]),
-        ({"start_deg": 90.0, "stop_deg": 0.0}, ["stop_deg"]),
-        ({"start_deg": 0.0, "stop_deg": 720.0}, ["360"]),
-        ({"flat_offset_x_um": 100.0}, ["field of view"]),
-        ({"flat_offset_x_um": 6000.0}, ["limits"]),
+        ({"rotation_range_deg": 270.0}, ["rotation_range_deg"]),
+        ({"axis_offset_um": 100.0}, ["axis_offset_um", "rotation_range_deg=360"]),
         ({"flat_offset_x_um": 0.0}, ["flat_offset_x_um"]),
-        ({"sample": {"sample_name": "", "proposal": "p", "user": "u"}}, ["sample.sample_name"]),
-        ({"sample": {"sample_name": "a/b", "proposal": "p", "user": "u"}}, ["sample.sample_name"]),
-        ({"sample": {"sample_name": "s"}}, ["sample.proposal", "sample.user"]),
+        ({"sample": {"name": "", "proposal": "p", "user": "u"}}, ["sample.name"]),
+        ({"sample": {"name": "a/b", "proposal": "p", "user": "u"}}, ["sample.name"]),
+        ({"sample": {"proposal": "p", "user": "u"}}, ["sample.name"]),
+        ({"sample": {"name": "s", "proposal": "a b"}}, ["sample.proposal"]),
         ({"sample": "s1"}, ["sample"]),
         ({"md": {"settings": {}}}, ["md"]),
         ({"md": {"nxtomo": {}}}, ["md"]),
         ({"parent_uids": "uid"}, ["parent_uids"]),
-        ({"exposure_s": -1.0, "num_projections": 0}, ["exposure_s", "num_projections"]),
+        ({"exposure_s": -1.0, "num_projections": 0, "sample": {"name": "s", "user": ""}}, ["exposure_s", "num_projections", "sample.user"]),
     ],
 )
-def test_bad_arguments_are_refused_when_the_plan_is_called(beamline, changes, names):
-    stage = beamline.stage
-    stage.x.set(100.0).wait(timeout=5)
-    positions_before = {axis.name: axis.position for axis in (stage.x, stage.y, stage.z, stage.rotation)}
+def test_bad_arguments_are_refused_when_the_plan_is_called(beamline, changes, names, monkeypatch):
+    # Building the plan reads no hardware: any device read now fails the test.
+    import ophyd
+
+    def no_hardware(*args, **kwargs):
+        raise AssertionError("the plan read the instrument when it was called")
+
+    monkeypatch.setattr(ophyd.Signal, "get", no_hardware)
+    monkeypatch.setattr(ophyd.Signal, "read", no_hardware)
     with pytest.raises(PlanValidationError) as info:
         tomo_scan(beamline, **{**GOOD, **changes})
     for name in names:
         assert name in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_creating_a_plan_reads_no_hardware(beamline, monkeypatch):
+    import ophyd
+
+    def no_hardware(*args, **kwargs):
+        raise AssertionError("the plan read the instrument when it was called")
+
+    monkeypatch.setattr(ophyd.Signal, "get", no_hardware)
+    monkeypatch.setattr(ophyd.Signal, "read", no_hardware)
+    for plan in (tomo_scan(beamline, **GOOD), tomo_fly_scan(beamline, **GOOD)):
+        assert inspect.isgenerator(plan)
+
+
+@pytest.mark.parametrize(
+    ("changes", "names"),
+    [
+        ({"start_deg": 300.0}, ["rotation limits"]),
+        ({"start_deg": -400.0}, ["rotation limits"]),
+        ({"flat_offset_x_um": 100.0}, ["field of view"]),
+        ({"flat_offset_x_um": 6000.0}, ["limits"]),
+        ({"rotation_range_deg": 360.0, "axis_offset_um": 2000.0}, ["px seen by both half turns"]),
+    ],
+)
+def test_the_preflight_refuses_what_the_beamline_cannot_do_before_any_motion(beamline, changes, names):
+    stage = beamline.stage
+    stage.x.set(100.0).wait(timeout=5)
+    positions_before = {axis.name: axis.position for axis in (stage.x, stage.y, stage.z, stage.rotation)}
+    plan = tomo_scan(beamline, **{**GOOD, **changes})  # a valid request: refused only against the beamline
+    engine = RunEngine({})
+    commands = []
+    engine.msg_hook = lambda msg: commands.append(msg.command)
+    documents = []
+    with pytest.raises(PlanValidationError) as info:
+        engine(plan, lambda name, doc: documents.append(name))
+    for name in names:
+        assert name in str(info.value)
+    assert set(commands) <= {"read", "locate"}, "the preflight only reads"
+    assert documents == [], "no run was opened"
     assert {axis.name: axis.position for axis in (stage.x, stage.y, stage.z, stage.rotation)} == positions_before
     assert beamline.shutter.state.get() == "closed"
     assert not beamline.data_dir.exists() or not any(beamline.data_dir.iterdir())
+
+
+def test_the_preflight_reads_the_beamline_when_the_plan_runs_not_when_it_was_made(beamline):
+    plan = tomo_scan(beamline, **GOOD)
+    beamline.stage.x.set(250.0).wait(timeout=5)  # moved after the plan was made (a queued experiment)
+    docs = _run(RunEngine({}), plan)
+    x_of_flats = [d["data"][beamline.stage.x.name] for n, d in docs if n == "event" and d.get("descriptor") in
+                  {doc["uid"] for name, doc in docs if name == "descriptor" and doc["name"] == "flat"}]
+    flat_offset_um = 1.5 * beamline.detector.frame_shape_px[1] * beamline.detector.pixel_size_um.get()
+    assert x_of_flats and all(x == pytest.approx(250.0 + flat_offset_um) for x in x_of_flats)
+    assert beamline.stage.x.position == pytest.approx(250.0)
 
 
 def test_wrong_instrument_is_refused(beamline):
@@ -407,7 +459,7 @@ def test_micrograph_moves_and_records_one_image(tmp_path):
     microscope = build_microscope(settings, world)
     docs = _run(
         RunEngine({}),
-        micrograph(microscope, stage_x_um=25.0, stage_y_um=-10.0, sample=SampleInfo(**SAMPLE), parent_uids=["tomo-1"]),
+        micrograph(microscope, stage_x_um=25.0, stage_y_um=-10.0, sample=Sample(**SAMPLE), parent_uids=["tomo-1"]),
     )
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
@@ -429,7 +481,7 @@ def test_micrograph_moves_and_records_one_image(tmp_path):
 def test_micrograph_refuses_targets_outside_the_stage(tmp_path):
     settings = load_settings(data_root=tmp_path)
     microscope = build_microscope(settings, SimulatedWorld(settings.simulation))
-    with pytest.raises(PlanValidationError, match="stage_x_um"):
-        micrograph(microscope, stage_x_um=1e6, stage_y_um=0.0, sample=SAMPLE)
+    with pytest.raises(PlanValidationError, match="stage_x_um"):  # by the preflight: its reads only
+        summarize_messages(micrograph(microscope, stage_x_um=1e6, stage_y_um=0.0, sample=SAMPLE))
     assert microscope.stage.x.position == 0.0
     assert not microscope.data_dir.exists()

@@ -16,7 +16,7 @@ from corrflow.processing.transforms import similarity
 from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 
 
 def test_axis_column_from_a_synthetic_pair():

@@ -13,7 +13,7 @@ from corrflow.plans.insitu import estimate_temperature_series, estimate_time_lap
 from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 
 
 @pytest.fixture

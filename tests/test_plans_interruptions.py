@@ -15,7 +15,7 @@ from corrflow.plans.interruptions import SuspendTemperatureExcursion, beam_curre
 from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 
 
 @pytest.fixture

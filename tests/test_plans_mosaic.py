@@ -14,7 +14,7 @@ from corrflow.plans.mosaic import estimate_xray_mosaic, grid_positions
 from corrflow.config.settings import load_settings
 from corrflow.simulators import SimulatedWorld
 
-SAMPLE = {"sample_name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
+SAMPLE = {"name": "AlSi10Mg-7", "proposal": "P-2026-001", "user": "ada"}
 
 
 def _run(plan):

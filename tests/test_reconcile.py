@@ -185,14 +185,19 @@ def test_the_cli_reports_and_closes(tmp_path, monkeypatch):
 
 def test_an_acquisition_closes_its_instruments_lost_runs_before_it_starts(tmp_path, monkeypatch):
     from corrflow.flows.acquire import run_tomography
-    from corrflow.flows.models import Sample, TomographyParameters
+    from corrflow.flows.models import DEFAULT_SAMPLE
+    from corrflow.plans import TomoScanRequest
 
     settings = load_settings(data_root=tmp_path)
     settings.ensure_directories()
     with open_catalog(settings) as cat:
         lost = _plant_run(cat, producer={"host": HOST, "pid": _dead_pid()})
         other = _plant_run(cat, instrument="sim-sem", producer={"host": HOST, "pid": _dead_pid()})
-    result = run_tomography(settings, Sample(name="after-crash"), TomographyParameters(num_projections=4, num_darks=1, num_flats=1))
+    result = run_tomography(
+        settings,
+        DEFAULT_SAMPLE.model_copy(update={"name": "after-crash"}),
+        TomoScanRequest(num_projections=4, exposure_s=0.05, num_darks=1, num_flats=1, flat_offset_x_um=2000.0),
+    )
     with open_catalog(settings) as cat:
         assert cat.runs[lost].metadata["stop"]["exit_status"] == "fail"
         assert "stop" not in cat.runs[other].metadata  # another instrument's runs are its own business

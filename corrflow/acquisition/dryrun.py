@@ -82,7 +82,51 @@ def describe_plans() -> dict[str, dict[str, Any]]:
     return out
 
 
+_SAMPLE_OPTIONS = ("sample", "proposal", "user")
+
+
+def parse_plan_parameters(plan_name: str, raw: dict[str, str]) -> dict[str, Any]:
+    """The plan's keyword arguments from ``corrflow dry-run``'s ``name=value`` pairs.
+
+    Values are JSON (``360``, ``null``, ``[1, 2]``) or plain text. A plan with a request model is parsed
+    by that model (:mod:`corrflow.plans.requests`), exactly as the flows' forms and the plan itself
+    check it; ``sample``, ``proposal`` and ``user`` give the :class:`~corrflow.plans.metadata.Sample`.
+
+    Raises
+    ------
+    DryRunError
+        An unknown plan or parameter, or a value the plan refuses; nothing was moved or written.
+    """
+    from corrflow.plans import PlanValidationError
+
+    specs = _plan_specs()
+    if plan_name not in specs:
+        raise DryRunError(f"unknown plan {plan_name!r}; known plans: {sorted(specs)}")
+    spec = specs[plan_name]
+    if spec.request is None:
+        return _coerce(plan_name, spec.plan, raw)
+    values = {name: _literal(text) for name, text in raw.items() if name not in _SAMPLE_OPTIONS}
+    unknown = sorted(set(values) - set(spec.request.model_fields))
+    if unknown:
+        raise DryRunError(f"{plan_name}: unknown parameter(s) {unknown}; known: {sorted(spec.request.model_fields)}")
+    try:
+        request = spec.request.build(**values)
+    except PlanValidationError as exc:
+        known = sorted(spec.request.model_fields)
+        raise DryRunError(f"{exc}\n  (parameters of {plan_name}: {known})") from None
+    return {**request.model_dump(), "sample": _sample_of(raw)}
+
+
+def _sample_of(raw: dict[str, str]) -> dict[str, str]:
+    return {
+        "name": raw.get("sample", "dry-run-sample"),
+        "proposal": raw.get("proposal", "dry-run"),
+        "user": raw.get("user", "dry-run"),
+    }
+
+
 def _coerce(plan_name: str, plan: Any, raw: dict[str, str]) -> dict[str, Any]:
+    # Plans without a request model yet: typed from the signature.
     hints = typing.get_type_hints(plan)
     signature = inspect.signature(plan)
     allowed = {p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"md"}
@@ -97,11 +141,7 @@ def _coerce(plan_name: str, plan: Any, raw: dict[str, str]) -> dict[str, Any]:
             values[name] = TypeAdapter(hints[name]).validate_python(text if hints[name] is str else _literal(text))
         except ValidationError as exc:
             raise DryRunError(f"{plan_name}: parameter {name}={text!r}: {exc.errors()[0]['msg']}") from None
-    values["sample"] = {
-        "sample_name": raw.get("sample", "dry-run-sample"),
-        "proposal": raw.get("proposal", "dry-run"),
-        "user": raw.get("user", "dry-run"),
-    }
+    values["sample"] = _sample_of(raw)
     return values
 
 
@@ -122,11 +162,8 @@ def dry_run_plan(settings: Settings, plan_name: str, raw_params: dict[str, str])
     from corrflow.acquisition.runengine import make_run_engine
     from corrflow.simulators.world import SimulatedWorld
 
-    specs = _plan_specs()
-    if plan_name not in specs:
-        raise DryRunError(f"unknown plan {plan_name!r}; known plans: {sorted(specs)}")
-    spec = specs[plan_name]
-    kwargs = _coerce(plan_name, spec.plan, raw_params)
+    kwargs = parse_plan_parameters(plan_name, raw_params)
+    spec = _plan_specs()[plan_name]
     # A dry run always uses simulated instruments, whatever the configured mode.
     sim_settings = settings.model_copy(
         update={"beamline": settings.beamline.model_copy(update={"mode": "sim"}),

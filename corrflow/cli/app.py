@@ -74,10 +74,13 @@ def demo(
     volume to the microscope -> micrograph -> registration -> ROI hand-off -> report."""
     settings = load(config, data_root)
     _prepare_runtime(settings)
-    from corrflow.flows.models import ExperimentRequest, Sample, TomographyParameters
+    from corrflow.flows.models import DEFAULT_SAMPLE, DEFAULT_TOMOGRAPHY, ExperimentRequest
 
     try:
-        request = ExperimentRequest(sample=Sample(name=sample), tomography=TomographyParameters(num_projections=projections))
+        request = ExperimentRequest(
+            sample=DEFAULT_SAMPLE.model_copy(update={"name": sample}),
+            tomography=DEFAULT_TOMOGRAPHY.model_validate({**DEFAULT_TOMOGRAPHY.model_dump(), "num_projections": projections}),
+        )
     except ValueError as exc:
         console.print(f"[red]invalid demo parameters:[/red] {exc}")
         raise typer.Exit(2) from None
