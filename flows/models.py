@@ -46,8 +46,32 @@ class RegistrationParameters(_Model):
     )
 
 
+class PaganinParameters(_Model):
+    """Paganin single-distance phase retrieval (one material of known delta/beta, near field)."""
+
+    delta_beta: float = Field(
+        gt=0, allow_inf_nan=False,
+        description="delta/beta of the sample's main material (refractive index decrement over absorption index, dimensionless)",
+    )
+    energy_keV: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Photon energy (keV); empty = the scan's /entry/instrument/monochromator/energy",
+    )
+    distance_mm: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Sample-detector propagation distance (mm); empty = the scan's /entry/instrument/detector/distance",
+    )
+    pad_px: int | None = Field(
+        None, ge=0, le=4096,
+        description="Surroundings each projection is filtered with on every side (px): real detector rows above and "
+                    "below each chunk (read as well, so chunks of at least 2 pad_px rows waste little), edge-replicated "
+                    "beyond the detector; empty = 16 Paganin lengths, so the chunk size does not change the volume",
+    )
+
+
 class ReconstructionParameters(_Model):
-    """Filtered back-projection settings."""
+    """Reconstruction settings: filtered back-projection, optional phase retrieval and ring removal, and
+    the resolution estimate recorded with the volume."""
 
     filter_name: Literal["ramp", "shepp-logan", "cosine", "hann"] = Field(
         "shepp-logan", description="FBP filter"
@@ -56,6 +80,28 @@ class ReconstructionParameters(_Model):
         None, description="Rotation-axis column (0-based, px); empty = found automatically from the data"
     )
     chunk_rows: int = Field(8, ge=1, le=4096, description="Detector rows reconstructed per chunk (bounds memory)")
+    phase_retrieval: PaganinParameters | None = Field(
+        None, description="Paganin phase retrieval of every projection before the logarithm; empty = absorption only"
+    )
+    ring_removal_size_px: int | None = Field(
+        None, ge=3, le=4095, json_schema_extra={"not": {"type": "integer", "multipleOf": 2}},  # odd, in the form too
+        description="Ring removal: width of the median across detector columns of the sorted sinograms (px, odd, "
+                    "wider than twice the widest stripe); empty = off",
+    )
+    resolution: bool = Field(
+        True, description="Estimate the half-dataset resolution (Fourier ring correlation of the middle rows) and "
+                          "record it with the volume",
+    )
+    resolution_threshold: Literal["half-bit", "1/7"] = Field(
+        "half-bit", description="FRC threshold of the resolution estimate"
+    )
+
+    @field_validator("ring_removal_size_px")
+    @classmethod
+    def _odd(cls, value: int | None) -> int | None:
+        if value is not None and value % 2 == 0:
+            raise ValueError(f"must be odd, got {value}")
+        return value
 
 
 class RoiRequest(_Model):
@@ -143,6 +189,9 @@ class ReconstructedVolume(_Model):
     voxel_size_um: float
     shape_zyx: tuple[int, int, int]
     seconds: float
+    resolution_um: float | None = Field(
+        None, description="Half-dataset resolution of the middle rows (um); empty = not estimated"
+    )
 
 
 class ShippedVolume(_Model):

@@ -1,4 +1,5 @@
-"""Reconstruction flow: NXtomo -> normalize -> centre -> FBP -> volume with provenance.
+"""Reconstruction flow: NXtomo -> normalize -> [Paganin] -> centre -> [ring removal] -> FBP -> volume with
+provenance and its half-dataset resolution (the options are :class:`~corrflow.flows.models.ReconstructionParameters`).
 
 The flow runs with a prefect-dask ``DaskTaskRunner``: a local cluster by default
 (``settings.compute.dask_workers`` processes, see :mod:`corrflow.compute.dask_cluster`), or an existing
@@ -36,7 +37,14 @@ from corrflow.flows.models import (
     TransferredRun,
 )
 from corrflow.config.settings import ComputeSettings, Settings
-from corrflow.compute.volume import SlabJob, VolumeProduct, read_provenance, reconstruct_nxtomo, reconstruct_slab
+from corrflow.compute.volume import (
+    PhaseRetrieval,
+    SlabJob,
+    VolumeProduct,
+    read_provenance,
+    reconstruct_nxtomo,
+    reconstruct_slab,
+)
 
 
 def dask_slabs(client, max_in_flight: int):
@@ -104,12 +112,17 @@ def _reconstruct_slabs(
     client = _task_runner_client()
     workers = len(client.scheduler_info()["workers"])
     slots = sum(client.nthreads().values())
+    phase = parameters.phase_retrieval
     return reconstruct_nxtomo(
         nxtomo_path,
         output,
         filter_name=parameters.filter_name,
         center_px=parameters.center_px,
         chunk_rows=parameters.chunk_rows,
+        phase_retrieval=None if phase is None else PhaseRetrieval(**phase.model_dump()),
+        ring_removal_size_px=parameters.ring_removal_size_px,
+        resolution=parameters.resolution,
+        resolution_threshold=parameters.resolution_threshold,
         provenance={"input_run_uid": run_uid, "sample": sample.model_dump(), "dask_workers": workers,
                     "dask_threads": slots},
         progress=lambda done, total: progress.report("reconstruct (rows)", done, total),
@@ -122,7 +135,8 @@ def reconstruct_on_dask(
     sample: Sample, nxtomo_path: Path, output: Path, run_uid: str, parameters: ReconstructionParameters,
     compute: ComputeSettings,
 ) -> VolumeProduct:
-    """Reconstruct with the slabs spread over the Dask cluster the compute settings describe."""
+    """Reconstruct with the slabs spread over the Dask cluster the compute settings describe, with the
+    phase retrieval, ring removal and resolution estimate ``parameters`` ask for."""
     runner = dask_task_runner(compute)
     return _reconstruct_slabs.with_options(task_runner=runner)(
         sample, nxtomo_path, output, run_uid, parameters, compute.threads_per_worker
@@ -135,8 +149,9 @@ def reconstruction_stage(
     """Reconstruct the transferred NXtomo scan into ``<compute_storage>/<run_uid>/<sample>_volume.nxs``.
 
     The finished volume is registered in the catalog under ``/processed/<run_uid>-volume`` with its
-    provenance (input run uid and sha256, parameters, software versions) and its parent, the
-    transfer record.
+    provenance (input run uid and sha256, parameters, software versions), its half-dataset resolution
+    (``resolution_um`` and the estimate's ``resolution`` block: threshold, crossing, rows) and its
+    parent, the transfer record.
     """
     run_uid, sample = tomography.run_uid, request.sample
     output = settings.compute_storage / run_uid / f"{sample.name}_volume.nxs"
@@ -144,6 +159,7 @@ def reconstruction_stage(
         sample, transfer.nxtomo.local_path(settings), output, run_uid, request.reconstruction, settings.compute
     )
     key = product_key(run_uid, "volume")
+    provenance = read_provenance(product.path)
     with open_catalog(settings) as catalog:
         register_product(
             catalog,
@@ -161,7 +177,10 @@ def reconstruction_stage(
                 "center_px": product.center_px,
                 "shape_zyx": list(product.shape_zyx),
                 "seconds": product.seconds,
-                "provenance": read_provenance(product.path),
+                "resolution_um": product.resolution_um,
+                # The estimate without its curve (which stays in the provenance): searchable, small.
+                "resolution": {k: v for k, v in (provenance.get("resolution") or {}).items() if k != "curve"} or None,
+                "provenance": provenance,
             },
         )
     print(f"reconstructed {product.shape_zyx} in {product.seconds:.1f} s, centre {product.center_px:.2f} px")
@@ -172,4 +191,5 @@ def reconstruction_stage(
         voxel_size_um=product.voxel_size_um,
         shape_zyx=product.shape_zyx,
         seconds=product.seconds,
+        resolution_um=product.resolution_um,
     )

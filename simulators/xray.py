@@ -1,5 +1,6 @@
 """Parallel-beam X-ray detector: Beer-Lambert projection of a phantom, optional Fresnel propagation,
-beam profile and pixel gain, Poisson photon noise, dark offset and read noise.
+optional detector blur (a Gaussian point-spread function), beam profile and pixel gain, Poisson photon
+noise, dark offset and read noise.
 
 Geometry (project contract): the beam travels along lab +y; detector column ``j`` is at
 ``u_j = (j - c) * pixel`` with ``c = (cols - 1)/2 + rotation_axis_offset_px + x_um / pixel`` the column of
@@ -20,7 +21,7 @@ from numpy.typing import NDArray
 
 from corrflow.simulators.phantom import Phantom
 
-__all__ = ["XrayDetectorModel", "fresnel_propagate", "xray_frame", "xray_transmission"]
+__all__ = ["XrayDetectorModel", "detector_blur", "detector_counts", "fresnel_propagate", "xray_frame", "xray_transmission"]
 
 _HC_KEV_UM = 1.23984198e-3  # h c in keV * um
 _UINT16_MAX = 65535
@@ -53,6 +54,12 @@ class XrayDetectorModel:
     phase_oversample
         Sub-samples per pixel edge on which the exit wave is propagated (only used when
         ``propagation_distance_mm > 0``); the intensity is then averaged over each pixel.
+    blur_sigma_px
+        Standard deviation of the detector's Gaussian point-spread function (scintillator and optics), in
+        detector pixels; 0 (default) is a perfectly sharp detector. It blurs the noise-free intensity
+        (:func:`detector_blur`), before photon and read noise, so the noise stays uncorrelated between
+        pixels: a simplification, since in a real scintillator the same spread also correlates the X-ray
+        quantum noise.
     """
 
     shape_px: tuple[int, int]
@@ -65,6 +72,7 @@ class XrayDetectorModel:
     propagation_distance_mm: float = 0.0
     seed: int = 0
     phase_oversample: int = 4
+    blur_sigma_px: float = 0.0
 
     def __post_init__(self) -> None:
         shape = tuple(int(n) for n in self.shape_px)
@@ -75,7 +83,7 @@ class XrayDetectorModel:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value}")
-        for name in ("dark_counts", "read_noise_counts", "propagation_distance_mm"):
+        for name in ("dark_counts", "read_noise_counts", "propagation_distance_mm", "blur_sigma_px"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {value}")
@@ -153,6 +161,40 @@ def fresnel_propagate(
     return out[pr : pr + rows, pc : pc + cols]
 
 
+def detector_blur(image: NDArray[np.floating], *, sigma_px: float) -> NDArray[np.float64]:
+    """Convolve an image with a Gaussian point-spread function of standard deviation ``sigma_px``.
+
+    The transfer function is exactly ``exp(-2 pi^2 sigma_px^2 (fx^2 + fy^2))`` (``f`` in cycles per
+    sample) on an FFT grid padded by edge replication (at least 6 sigma on each side), so the blur does
+    not wrap one edge onto the other and the region beyond the image is taken to look like its edge.
+
+    Parameters
+    ----------
+    image
+        Shape ``(rows, cols)``, sampled on a square grid; axis 0 the row, axis 1 the column.
+    sigma_px
+        PSF standard deviation in samples of ``image`` (>= 0; 0 returns a float64 copy).
+
+    Returns
+    -------
+    ndarray, shape (rows, cols), float64
+    """
+    data = np.asarray(image, dtype=np.float64)
+    if data.ndim != 2:
+        raise ValueError(f"image must be 2-D (rows, cols), got shape {data.shape}")
+    if not (math.isfinite(sigma_px) and sigma_px >= 0):
+        raise ValueError(f"sigma_px must be a non-negative finite number, got {sigma_px}")
+    if sigma_px == 0:
+        return data.copy()
+    pad = int(math.ceil(6.0 * sigma_px)) + 1
+    padded = np.pad(data, pad, mode="edge")
+    fy = scipy.fft.fftfreq(padded.shape[0])[:, None]
+    fx = scipy.fft.rfftfreq(padded.shape[1])[None, :]
+    transfer = np.exp(-2.0 * np.pi**2 * sigma_px**2 * (fx**2 + fy**2))
+    blurred = scipy.fft.irfft2(scipy.fft.rfft2(padded) * transfer, s=padded.shape)
+    return blurred[pad:-pad, pad:-pad]
+
+
 def xray_transmission(
     phantom: Phantom, model: XrayDetectorModel, *, angle_deg: float, x_um: float, y_um: float, z_um: float
 ) -> NDArray[np.float32]:
@@ -161,8 +203,10 @@ def xray_transmission(
     Without propagation this is ``exp(-line_integral)`` at the pixel centres. With
     ``propagation_distance_mm > 0`` the exit wave ``exp(-L/2 - i k D)`` (``L = integral mu dt``,
     ``D = integral delta dt``, ``k = 2 pi / lambda``) is sampled ``phase_oversample`` times finer, propagated
-    with :func:`fresnel_propagate`, and ``|psi|^2`` is averaged over each pixel. ``y_um`` (along the beam)
-    does not change a parallel-beam projection.
+    with :func:`fresnel_propagate`, and ``|psi|^2`` is averaged over each pixel. With ``blur_sigma_px > 0``
+    the intensity is blurred by the detector's point-spread function (:func:`detector_blur`) on the grid it
+    is computed on (the pixel centres, or the finer propagation grid before the pixel average). ``y_um``
+    (along the beam) does not change a parallel-beam projection.
     """
     del y_um  # parallel beam: a shift along the beam changes nothing
     rows, cols = model.shape_px
@@ -171,7 +215,10 @@ def xray_transmission(
     if model.propagation_distance_mm == 0:
         u = (np.arange(cols) - c) * px
         z = (np.arange(rows) - (rows - 1) / 2) * px - z_um
-        return np.exp(-phantom.line_integrals(angle_deg=angle_deg, u_um=u, z_um=z)).astype(np.float32)
+        intensity = np.exp(-phantom.line_integrals(angle_deg=angle_deg, u_um=u, z_um=z))
+        if model.blur_sigma_px > 0:
+            intensity = detector_blur(intensity, sigma_px=model.blur_sigma_px)
+        return intensity.astype(np.float32)
     s = int(model.phase_oversample)
     sub = (np.arange(s) + 0.5) / s - 0.5
     u = ((np.arange(cols)[:, None] + sub[None, :] - c) * px).ravel()
@@ -187,6 +234,8 @@ def xray_transmission(
         distance_um=model.propagation_distance_mm * 1e3,
     )
     intensity = np.abs(wave) ** 2
+    if model.blur_sigma_px > 0:
+        intensity = detector_blur(intensity, sigma_px=model.blur_sigma_px * s)
     return intensity.reshape(rows, s, cols, s).mean(axis=(1, 3)).astype(np.float32)
 
 
@@ -230,8 +279,42 @@ def xray_frame(
     for name, value in (("angle_deg", angle_deg), ("x_um", x_um), ("y_um", y_um), ("z_um", z_um)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
+    transmission = None
     if shutter_open and exposure_s > 0:
         transmission = xray_transmission(phantom, model, angle_deg=angle_deg, x_um=x_um, y_um=y_um, z_um=z_um)
+    return detector_counts(model, transmission, exposure_s=exposure_s, rng=rng)
+
+
+def detector_counts(
+    model: XrayDetectorModel,
+    transmission: NDArray[np.floating] | None,
+    *,
+    exposure_s: float,
+    rng: np.random.Generator,
+) -> NDArray[np.uint16]:
+    """The frame :func:`xray_frame` records for a noise-free detected intensity, shape ``(rows, cols)``, uint16.
+
+    ``dark + Poisson(I0 * exposure_s * flat_profile * transmission) + Normal(0, read_noise)``, rounded and
+    clipped to the uint16 range.
+
+    Parameters
+    ----------
+    model
+        The detector.
+    transmission
+        Noise-free detected intensity relative to the incident beam (:func:`xray_transmission`), shape
+        ``(rows, cols)``; None = no photons (shutter closed: a dark frame).
+    exposure_s
+        Exposure time (s), >= 0.
+    rng
+        Noise generator.
+    """
+    if not (math.isfinite(exposure_s) and exposure_s >= 0):
+        raise ValueError(f"exposure_s must be a non-negative finite number, got {exposure_s}")
+    if transmission is not None and exposure_s > 0:
+        transmission = np.asarray(transmission)
+        if transmission.shape != model.shape_px:
+            raise ValueError(f"transmission must have shape {model.shape_px}, got {transmission.shape}")
         expected = model.incident_photons_per_s * exposure_s * model.flat_profile().astype(np.float64) * transmission
         photons = rng.poisson(expected).astype(np.float64)
     else:
