@@ -108,22 +108,84 @@ def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
     )
 
 
+class StorageSpaceError(ValueError):
+    """The chain's data would not fit on a storage; nothing was moved or written."""
+
+
+def chain_bytes_by_site(parameters: TomoScanRequest, *, frame_shape_px: tuple[int, int], itemsize: int) -> dict[str, int]:
+    """Bytes the correlative chain writes on each site's storage for one scan.
+
+    beamline: the detector frames and the NXtomo export (a copy of them); compute: both again
+    (the verified transfer) and the float32 volume (twice as wide for an offset-centre scan);
+    microscope: the shipped volume.
+    """
+    rows, cols = frame_shape_px
+    frames = parameters.n_frames * rows * cols * itemsize
+    width = 2 * cols if parameters.axis_offset_um else cols
+    volume = rows * width * width * 4
+    return {"beamline": 2 * frames, "compute": 2 * frames + volume, "microscope": volume}
+
+
+def check_chain_space(settings: Settings, needed_by_site: dict[str, int]) -> None:
+    """Refuse, before anything moves, a scan whose chain would not fit on the storages this process sees.
+
+    Storages on one file system add up (one machine: all three). A storage this process cannot
+    see (another facility's) is checked by that facility's stage.
+
+    Raises
+    ------
+    StorageSpaceError
+        Naming each file system, what the chain needs there and what is free.
+    """
+    from corrflow.plans.preflight import DISK_RESERVE_BYTES, free_bytes
+
+    by_device: dict[int, list[str]] = {}
+    free_of: dict[int, tuple[int, Path]] = {}
+    for site in needed_by_site:
+        root = settings.storage(site)  # type: ignore[arg-type]
+        if not root.exists():
+            continue  # another facility's storage: its own stage checks it
+        free, where = free_bytes(root)
+        device = where.stat().st_dev
+        by_device.setdefault(device, []).append(site)
+        free_of[device] = (free, where)
+    problems = []
+    for device, sites in by_device.items():
+        needed = sum(needed_by_site[site] for site in sites)
+        free, where = free_of[device]
+        if needed + DISK_RESERVE_BYTES > free:
+            problems.append(
+                f"{' + '.join(sites)} storage ({where}): the chain writes {needed} bytes there, {free} are free "
+                f"(keeping {DISK_RESERVE_BYTES} in reserve)"
+            )
+    if problems:
+        raise StorageSpaceError("not enough space for this scan's data:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def run_tomography(settings: Settings, sample: Sample, parameters: TomoScanRequest) -> TomographyRun:
     """Run a tomography scan on the beamline, catalogue it, and export the raw scan as NXtomo.
 
-    ``parameters`` is the plan's own request model; the plan's preflight checks it against the
-    beamline as it is now (limits, field of view, disk space), before anything moves or is written,
-    and a problem raises ``PlanValidationError``.
+    ``parameters`` is the plan's own request model. First the space the whole chain will write is
+    checked on every storage this process sees (:func:`check_chain_space`); then the plan's preflight
+    checks it against the beamline as it is now (limits, field of view, the detector's disk), before
+    anything moves or is written, and a problem raises ``StorageSpaceError`` or ``PlanValidationError``.
     """
     world = SimulatedWorld(settings.simulation)
     scan_dir = _scan_directory(settings.beamline_storage, sample, "tomo")
     beamline = build_beamline(settings, world, data_dir=scan_dir)
+    detector = beamline.detector
+    check_chain_space(
+        settings,
+        chain_bytes_by_site(parameters, frame_shape_px=detector.frame_shape_px, itemsize=np.dtype(detector.frame_dtype).itemsize),
+    )
     plan = tomo_scan(beamline, **parameters.model_dump(), sample=sample)
     with open_catalog(settings) as catalog:
         close_lost_runs(catalog, beamline.name)
         engine = make_run_engine(
             EventCounter("tomography (projections)", parameters.num_projections),
             catalog_writer=tiled_writer(catalog.runs, settings),
+            instrument=beamline,
+            protections=settings.beamline.protections,
         )
         (uid,) = engine(plan)
         run = catalog.runs[uid]
@@ -158,7 +220,12 @@ def run_micrograph(
     )
     with open_catalog(settings) as catalog:
         close_lost_runs(catalog, microscope.name)
-        engine = make_run_engine(EventCounter("micrograph", 1), catalog_writer=tiled_writer(catalog.runs, settings))
+        engine = make_run_engine(
+            EventCounter("micrograph", 1),
+            catalog_writer=tiled_writer(catalog.runs, settings),
+            instrument=microscope,
+            protections=settings.microscope.protections,
+        )
         (uid,) = engine(plan)
         run = catalog.runs[uid]
         _check_success(run)

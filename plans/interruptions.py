@@ -12,6 +12,9 @@ and the document bookkeeping a resumed run needs.
   disconnect it suspends the run (the RunEngine stops every motor it moved) and, if the PVs are not
   back within ``reconnect_timeout_s``, fails it with a reason naming them (stop document
   ``exit_status="fail"``); if they come back, the run resumes from its last checkpoint.
+- :func:`hold_while_tripped`: a plan preprocessor that holds a plan before its first message while
+  a suspender is already tripped (bluesky can miss a suspender that trips before the run starts:
+  bluesky issue #1970), and fails it if lost EPICS connections do not come back in time.
 - :func:`unique_events`: a resumed run re-emits the events after its last checkpoint with the same
   ``seq_num``; storage keeps the last copy of each.
 
@@ -28,6 +31,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import bluesky.plan_stubs as bps
 from bluesky import RunEngine
 from bluesky.suspenders import SuspenderBase, SuspendBoolLow, SuspendFloor
 from bluesky.utils import MsgGenerator
@@ -40,6 +44,7 @@ __all__ = [
     "SuspendTemperatureExcursion",
     "beam_current_suspender",
     "beam_permit_suspender",
+    "hold_while_tripped",
     "unique_events",
 ]
 
@@ -179,6 +184,44 @@ class SuspendTemperatureExcursion(SuspenderBase):
 
 class EpicsDisconnectedError(RuntimeError):
     """EPICS PVs a run depends on stayed disconnected; the message names them."""
+
+
+def _reason(suspender: Any) -> str:
+    if isinstance(suspender, ConnectionWatcher):
+        return suspender.describe_lost()
+    return suspender._get_justification() or type(suspender).__name__  # bluesky's own wording
+
+
+def hold_while_tripped(
+    plan: MsgGenerator[Any], suspenders: Sequence[Any], *, settle_s: float = 0.0, poll_s: float = 0.1
+) -> MsgGenerator[Any]:
+    """Hold ``plan`` before its first message while any of ``suspenders`` is tripped.
+
+    Only ``sleep`` messages are yielded while holding: nothing moves, no run is opened, and a
+    pause, abort or cancel acts as on any plan. Once every suspender is clear, waits ``settle_s``
+    more (as a suspender waits after its signal is back), then runs the plan. A
+    :class:`ConnectionWatcher` tripped for longer than its ``reconnect_timeout_s`` fails the plan with
+    :class:`EpicsDisconnectedError` naming the lost PVs, as it would fail a running plan.
+    """
+    started = time.monotonic()
+    announced = False
+    while True:
+        tripped = [s for s in suspenders if s.tripped]
+        if not tripped:
+            break
+        if not announced:
+            print("holding the plan before its first motion: " + "; ".join(_reason(s) for s in tripped))
+            announced = True
+        for watcher in tripped:
+            if isinstance(watcher, ConnectionWatcher) and time.monotonic() - started >= watcher.reconnect_timeout_s:
+                raise EpicsDisconnectedError(
+                    f"{watcher.describe_lost()} before the run started, for more than {watcher.reconnect_timeout_s} s"
+                )
+        yield from bps.sleep(poll_s)
+    if announced:
+        print(f"suspenders clear: the plan starts in {settle_s} s")
+        yield from bps.sleep(settle_s)
+    return (yield from plan)
 
 
 class ConnectionWatcher:

@@ -203,3 +203,12 @@ def test_an_acquisition_closes_its_instruments_lost_runs_before_it_starts(tmp_pa
         assert "stop" not in cat.runs[other].metadata  # another instrument's runs are its own business
         assert cat.runs[result.run_uid].metadata["stop"]["exit_status"] == "success"
         assert cat.runs[result.run_uid].metadata["start"]["producer"]["host"] == HOST
+
+
+def test_finished_runs_are_never_listed_dry_run_included(catalog):
+    _, cat = catalog
+    finished = _plant_run(cat, instrument="sim-finished", producer={"host": HOST, "pid": _dead_pid()})
+    cat.runs[finished].update_metadata(metadata={"stop": {"exit_status": "success", "uid": "s", "run_start": finished}})
+    still_open = _plant_run(cat, instrument="sim-finished", producer={"host": HOST, "pid": _dead_pid()})
+    entries = reconcile_runs(cat, instrument="sim-finished", dry_run=True, flow_run_state=lambda _: None)
+    assert [(e.uid, e.action) for e in entries] == [(still_open, "would close")]

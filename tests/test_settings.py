@@ -46,6 +46,9 @@ def test_yaml_file_is_read_and_keyword_overrides_win(tmp_path):
     ("env", "named"),
     [
         ({"CORRFLOW_SIMULATION__SEEDS": "1"}, "simulation.seeds: unknown setting"),
+        ({"CORRFLOW_DATAROOT": "/x"}, "dataroot: unknown setting .environment variable CORRFLOW_DATAROOT"),
+        ({"CORRFLOW_CATALOG": "{bad"}, 'field "catalog"'),
+        ({"CORRFLOW_BEAMLINE__PROTECTIONS__BEAM_RESUME_ABOVE_MA": "50"}, "beam_resume_above_mA .50.0. must be >="),
         ({"CORRFLOW_CATALOG__BATCH_SIZE": "0"}, "catalog.batch_size"),
         ({"CORRFLOW_PREFECT__API_URL": "localhost:4200"}, "prefect.api_url"),
         ({"CORRFLOW_BEAMLINE__MODE": "epics"}, "needs epics_prefix"),
@@ -74,3 +77,27 @@ def test_data_root_that_is_a_file_is_rejected(tmp_path):
     f.write_text("x")
     with pytest.raises(SettingsError, match="data_root"):
         load_settings(data_root=f)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+     ("127.attacker.example", False), ("10.1.2.3", False), ("beamline.example.org", False)],
+)
+def test_loopback_is_decided_on_the_address_not_the_spelling(host, loopback):
+    from corrflow.config.settings import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+def test_a_settings_error_never_prints_a_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRFLOW_SERVER__HOST", "0.0.0.0")
+    monkeypatch.setenv("CORRFLOW_SERVER__TIled_ADMIN_PASSWORD".upper(), "hunter2-admin")
+    monkeypatch.setenv("CORRFLOW_SERVER__PREFECT_AUTH_STRING", "no-colon-secret")
+    monkeypatch.setenv("CORRFLOW_SERVER__POSTGRES_URL", "postgresql+asyncpg://corrflow:pg-s3cret@db:5432/x")
+    with pytest.raises(SettingsError) as info:
+        load_settings(data_root=tmp_path)
+    text = str(info.value)
+    assert "server" in text
+    for secret in ("hunter2-admin", "no-colon-secret", "pg-s3cret"):
+        assert secret not in text

@@ -52,6 +52,48 @@ def test_only_verified_copies_past_retention_are_deleted(transferred):
     assert {os.path.basename(d.source): d.reason for d in again}["old.h5"] == "source already gone"
 
 
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "symlinked-directory"])
+def test_a_copy_that_is_the_source_itself_is_never_counted_and_the_source_stays(tmp_path, kind):
+    source, dest = tmp_path / "beamline", tmp_path / "compute"
+    raw = source / "scan" / "only.h5"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(os.urandom(4096))
+    transfer_files([raw], source_root=source, destination_root=dest / "uid-2")
+    copy = dest / "uid-2" / "scan" / "only.h5"
+    copy.unlink()
+    if kind == "symlink":
+        copy.symlink_to(raw)
+    elif kind == "hardlink":
+        os.link(raw, copy)
+    else:
+        copy.parent.rmdir()
+        copy.parent.symlink_to(raw.parent, target_is_directory=True)
+    old = time.time() - 40 * DAY
+    os.utime(raw, (old, old))
+    (decision,) = prune_verified_copies(source_root=source, destination_root=dest, retention_s=30 * DAY)
+    assert decision.action == "kept", decision
+    assert "symbolic link" in decision.reason or "same inode" in decision.reason
+    assert raw.exists()
+
+
+def test_the_prune_flow_records_each_deletion_on_its_run_in_the_catalog(tmp_path):
+    from corrflow.catalog.tiled import open_catalog
+    from corrflow.flows.prune import PruneDecision, record_pruned
+
+    settings = load_settings(data_root=tmp_path)
+    settings.ensure_directories()
+    with open_catalog(settings) as catalog:
+        catalog.runs.create_container("uid-3", metadata={"start": {"uid": "uid-3"}, "stop": {"exit_status": "success"}})
+    copy = settings.compute_storage / "uid-3" / "scan" / "a.h5"
+    record_pruned(settings, [
+        PruneDecision(str(settings.beamline_storage / "scan" / "a.h5"), "deleted", "verified copy, past retention", str(copy)),
+        PruneDecision(str(settings.beamline_storage / "scan" / "b.h5"), "kept", "younger than retention", str(copy)),
+    ])
+    with open_catalog(settings) as catalog:
+        (pruned,) = catalog.runs["uid-3"].metadata["lifecycle"]["pruned"]
+    assert pruned["file"].endswith("scan/a.h5") and pruned["copy"] == str(copy)
+
+
 def test_flight_check_moves_a_probe_and_cleans_up(tmp_path):
     settings = load_settings(data_root=tmp_path)
     settings.ensure_directories()

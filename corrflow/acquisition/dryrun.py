@@ -188,7 +188,8 @@ def dry_run_plan(settings: Settings, plan_name: str, raw_params: dict[str, str])
             if name == "stop":
                 stop.update(doc)
 
-        engine = make_run_engine(collect)
+        protections = (sim_settings.beamline if spec.instrument == "beamline" else sim_settings.microscope).protections
+        engine = make_run_engine(collect, instrument=instrument, protections=protections)
         started = time.perf_counter()
         uids = engine(spec.plan(instrument, **kwargs))
         wall_s = time.perf_counter() - started

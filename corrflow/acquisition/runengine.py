@@ -1,4 +1,13 @@
-"""A RunEngine wired to the catalog, for flows and the CLI."""
+"""The production RunEngine: the one every acquisition runs on (flows, demo, chain, queue, dry-run).
+
+:func:`make_run_engine` wires it to the catalog (through the resume filter) and to the progress
+callbacks, and, given an instrument and its :class:`~corrflow.config.settings.ProtectionSettings`,
+installs the protections that instrument has devices for (:func:`instrument_protections`): the
+beam-current suspender (a ring-current monitor), the temperature-excursion suspender (a heater) and
+the Channel Access connection watcher (EPICS devices). Each run records its interruptions in its
+``interruptions`` stream, and a run whose suspender is already tripped is held before its first
+message (:func:`~corrflow.plans.interruptions.hold_while_tripped`).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +19,15 @@ from typing import Any
 
 from bluesky import RunEngine
 
-from corrflow.report import progress
 from corrflow.catalog.filters import ResumedRunFilter
+from corrflow.config.settings import ProtectionSettings
+from corrflow.plans.interruptions import (
+    ConnectionWatcher,
+    SuspendTemperatureExcursion,
+    beam_current_suspender,
+    hold_while_tripped,
+)
+from corrflow.report import progress
 
 
 class EventCounter:
@@ -52,11 +68,64 @@ def producer_metadata() -> dict[str, Any]:
     return producer
 
 
+def instrument_protections(instrument: Any, protections: ProtectionSettings) -> list[Any]:
+    """The suspenders (and connection watcher) ``protections`` ask for that ``instrument`` can feed.
+
+    ``instrument`` is a :class:`~corrflow.devices.beamline.Beamline` or a
+    :class:`~corrflow.devices.sem.Microscope`: a beam suspender needs its ``beam`` monitor (EPICS
+    mode; the simulated source has constant flux), the temperature suspender its ``heater``, the
+    watcher EPICS devices (``mode == "epics"``).
+    """
+    suspenders: list[Any] = []
+    beam = getattr(instrument, "beam", None)
+    if beam is not None and protections.beam_suspend_below_mA is not None:
+        suspenders.append(
+            beam_current_suspender(
+                beam.current_mA,
+                suspend_below_mA=protections.beam_suspend_below_mA,
+                resume_above_mA=protections.beam_resume_above_mA,
+                sleep_s=protections.beam_settle_s,
+            )
+        )
+    heater = getattr(instrument, "heater", None)
+    if heater is not None and protections.temperature_excursion:
+        suspenders.append(SuspendTemperatureExcursion(heater))
+    if getattr(instrument, "mode", "sim") == "epics":
+        suspenders.append(ConnectionWatcher(instrument.devices(), reconnect_timeout_s=protections.reconnect_timeout_s))
+    return suspenders
+
+
+class ProductionRunEngine(RunEngine):
+    """A RunEngine that installs its protections for each call and holds a plan while one is tripped.
+
+    The suspenders are installed when a plan starts and removed when it ends (so their
+    subscriptions do not outlive the acquisition), and every call runs the plan behind
+    :func:`~corrflow.plans.interruptions.hold_while_tripped`.
+    """
+
+    def __init__(self, *args: Any, protections: list[Any] | None = None, settle_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protections = list(protections or [])
+        self.settle_s = settle_s
+        self.record_interruptions = True  # every suspension and resumption lands in the run
+
+    def __call__(self, plan: Any, *args: Any, **kwargs: Any) -> Any:
+        for suspender in self.protections:
+            self.install_suspender(suspender)
+        try:
+            return super().__call__(hold_while_tripped(plan, self.protections, settle_s=self.settle_s), *args, **kwargs)
+        finally:
+            for suspender in self.protections:
+                self.remove_suspender(suspender)
+
+
 def make_run_engine(
     *callbacks: Callable[[str, dict[str, Any]], None],
     catalog_writer: Callable[[str, dict[str, Any]], Any] | None = None,
-) -> RunEngine:
-    """A RunEngine with ``callbacks`` subscribed, and the catalog's writer behind a resume filter.
+    instrument: Any = None,
+    protections: ProtectionSettings | None = None,
+) -> ProductionRunEngine:
+    """The production RunEngine, with ``callbacks`` subscribed and the catalog's writer behind a resume filter.
 
     Parameters
     ----------
@@ -66,6 +135,9 @@ def make_run_engine(
         The catalog's ``TiledWriter``: subscribed through
         :class:`~corrflow.catalog.filters.ResumedRunFilter`, so a paused or suspended run that
         resumes is catalogued with one event per ``seq_num`` and images that match them.
+    instrument, protections
+        The instrument the plans run on and its protection settings
+        (``settings.beamline.protections``): :func:`instrument_protections` picks what to install.
 
     Notes
     -----
@@ -75,7 +147,13 @@ def make_run_engine(
     """
     from corrflow.acquisition.cancellation import register_engine
 
-    engine = RunEngine({"producer": producer_metadata()}, context_managers=[])
+    suspenders = [] if instrument is None else instrument_protections(instrument, protections or ProtectionSettings())
+    settle_s = (protections or ProtectionSettings()).beam_settle_s if any(
+        not isinstance(s, ConnectionWatcher | SuspendTemperatureExcursion) for s in suspenders
+    ) else 0.0
+    engine = ProductionRunEngine(
+        {"producer": producer_metadata()}, context_managers=[], protections=suspenders, settle_s=settle_s
+    )
     if catalog_writer is not None:
         engine.subscribe(ResumedRunFilter(catalog_writer, engine=engine))
     for callback in callbacks:

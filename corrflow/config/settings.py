@@ -15,14 +15,20 @@ values. Directories are created later, by :meth:`Settings.ensure_directories`.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
+import socket
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "CORRFLOW_"
 CONFIG_ENV_VAR = "CORRFLOW_CONFIG"
@@ -74,6 +80,34 @@ class CatalogSettings(_Section):
 InstrumentMode = Literal["sim", "epics"]
 
 
+class ProtectionSettings(_Section):
+    """What suspends or fails an acquisition: installed on every run by the production RunEngine
+    (:mod:`corrflow.acquisition.runengine`), wherever the instrument has the device to watch."""
+
+    beam_suspend_below_mA: float | None = Field(
+        100.0, gt=0, description="Suspend while the ring current is below this (mA); empty = no beam suspender"
+    )
+    beam_resume_above_mA: float | None = Field(
+        None, gt=0, description="Resume once the ring current is back above this (mA); empty = beam_suspend_below_mA"
+    )
+    beam_settle_s: float = Field(
+        5.0, ge=0, description="Wait after the beam is back before resuming (s): optics need time after a refill"
+    )
+    temperature_excursion: bool = Field(
+        True, description="Suspend while the sample temperature is off its setpoint by more than the heater's tolerance"
+    )
+    reconnect_timeout_s: float = Field(
+        2.0, ge=0, description="EPICS mode: how long lost Channel Access connections may last before the run fails (s)"
+    )
+
+    @model_validator(mode="after")
+    def _resume_above_suspend(self) -> ProtectionSettings:
+        low, high = self.beam_suspend_below_mA, self.beam_resume_above_mA
+        if low is not None and high is not None and high < low:
+            raise ValueError(f"beam_resume_above_mA ({high}) must be >= beam_suspend_below_mA ({low})")
+        return self
+
+
 class InstrumentSettings(_Section):
     """One instrument: simulated in-process, or real EPICS devices under ``epics_prefix``."""
 
@@ -81,6 +115,7 @@ class InstrumentSettings(_Section):
     mode: InstrumentMode = "sim"
     epics_prefix: str = ""
     frame: str = Field(description="Name of the instrument's frame of reference")
+    protections: ProtectionSettings = Field(ProtectionSettings(), description="Suspenders and the connection watcher")
 
     @model_validator(mode="after")
     def _epics_needs_prefix(self) -> InstrumentSettings:
@@ -151,6 +186,23 @@ class FacilitySettings(_Section):
 Site = Literal["beamline", "compute", "microscope"]
 SITES: tuple[Site, ...] = ("beamline", "compute", "microscope")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """``host`` is a loopback address, or a name that resolves to loopback addresses only.
+
+    Decided on the address, never on the spelling: ``127.attacker.example`` is whatever its DNS says.
+    A name that does not resolve is not loopback (so authentication stays on).
+    """
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 class WorkPoolSettings(_Section):
@@ -252,7 +304,8 @@ class ServerSettings(_Section):
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+        """The host resolves to loopback addresses only (a name like ``127.example.org`` is not loopback)."""
+        return is_loopback_host(self.host)
 
     @property
     def auth_enabled(self) -> bool:
@@ -452,6 +505,56 @@ def active_settings() -> Settings:
     return _active if _active is not None else load_settings()
 
 
+_NOT_SETTINGS = frozenset({CONFIG_ENV_VAR, "CORRFLOW_SIM_PARENT_PID"})
+"""``CORRFLOW_*`` variables that are not settings (the config file; the simulated facility's parent)."""
+_SECRET_WORDS = ("password", "secret", "token", "api_key", "credential", "auth")
+
+
+def _dotted(variable: str) -> str:
+    return ".".join(variable.removeprefix(ENV_PREFIX).lower().split("__"))
+
+
+def _looks_secret(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` with every secret-looking key's value and every URL password replaced, so an error
+    never prints a secret."""
+    if isinstance(value, Mapping):
+        return {k: "***" if _looks_secret(str(k)) else _redacted(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return re.sub(r"(://[^/:@\s]+):[^@/\s]*@", r"\1:***@", value)
+    return value
+
+
+def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
+    """``CORRFLOW_*`` variables that name no setting (``CORRFLOW_DATAROOT`` for ``CORRFLOW_DATA_ROOT``).
+
+    A nested setting is ``CORRFLOW_SECTION__FIELD``; a mapping-valued setting takes any key below it.
+    Variables for tests (``CORRFLOW_TEST_*``) are not settings and are not checked.
+    """
+    unknown = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS or name.startswith(f"{ENV_PREFIX}TEST_"):
+            continue
+        model: Any = Settings
+        for part in name.removeprefix(ENV_PREFIX).lower().split("__"):
+            fields = getattr(model, "model_fields", None)
+            if fields is None:
+                break  # below a mapping or a plain value: pydantic checks the value itself
+            by_lower = {field.lower(): info for field, info in fields.items()}  # env names ignore case
+            if part not in by_lower:
+                unknown.append(name)
+                break
+            annotation = by_lower[part].annotation
+            model = next(
+                (arg for arg in (annotation, *typing.get_args(annotation)) if isinstance(arg, type) and issubclass(arg, BaseModel)),
+                None,
+            )
+    return unknown
+
+
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Build and validate the settings once.
 
@@ -467,11 +570,22 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     SettingsError
         With one line per wrong setting, naming it as ``section.field`` and saying why.
     """
+    unknown = unknown_environment_variables(os.environ)
+    if unknown:
+        raise SettingsError(
+            "invalid corrflow settings:\n"
+            + "\n".join(
+                f"  {_dotted(name)}: unknown setting (environment variable {name}; check the spelling; see `corrflow settings`)"
+                for name in unknown
+            )
+        )
     previous = os.environ.get(CONFIG_ENV_VAR)
     try:
         if config_file is not None:
             os.environ[CONFIG_ENV_VAR] = str(config_file)
         return Settings(**overrides)
+    except PydanticSettingsError as exc:  # a value pydantic-settings could not even parse (e.g. bad JSON)
+        raise SettingsError(f"invalid corrflow settings:\n  {exc}") from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
@@ -479,7 +593,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
             reason = error["msg"]
             if error["type"] == "extra_forbidden":
                 reason = "unknown setting (check the spelling; see `corrflow settings`)"
-            lines.append(f"  {name}: {reason} (got {error.get('input')!r})")
+            shown = "" if _looks_secret(name) else f" (got {_redacted(error.get('input'))!r})"
+            lines.append(f"  {name}: {reason}{shown}")
         raise SettingsError("invalid corrflow settings:\n" + "\n".join(lines)) from None
     finally:
         if config_file is not None:

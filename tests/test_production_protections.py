@@ -1,0 +1,148 @@
+"""The protections on the production path: the acquisition flows' own RunEngine, on the simulated
+EPICS facility (Channel Access on loopback), catalogued in Tiled.
+
+Nothing here installs a suspender by hand: ``flows.acquire.run_tomography`` is called as the chain,
+the demo and the queue call it, with the settings' protections.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import epics
+import numpy as np
+import pytest
+
+from corrflow.catalog.tiled import open_catalog
+from corrflow.config.settings import load_settings
+from corrflow.devices.beamline import build_beamline
+from corrflow.flows.acquire import run_tomography
+from corrflow.flows.models import DEFAULT_SAMPLE
+from corrflow.formats.nexus import read_nxtomo
+from corrflow.plans.interruptions import EpicsDisconnectedError
+from corrflow.plans.requests import TomoScanRequest
+
+pytest_plugins = ["epics_fixtures"]
+
+SCAN = TomoScanRequest(num_projections=30, exposure_s=0.01, num_darks=1, num_flats=1)
+SAMPLE = DEFAULT_SAMPLE.model_copy(update={"name": "protected-01"})
+
+
+@pytest.fixture
+def settings(sim_facility, tmp_path):
+    return load_settings(
+        data_root=tmp_path,
+        beamline={
+            "mode": "epics",
+            "epics_prefix": sim_facility.beamline_prefix,
+            "protections": {"beam_suspend_below_mA": 100.0, "beam_resume_above_mA": 190.0, "beam_settle_s": 0.5},
+        },
+    )
+
+
+def _dump_beam(sim_facility, seconds: float) -> None:
+    epics.caput(f"{sim_facility.prefix_of('source')}sim:DumpFor", seconds, wait=True)
+
+
+def _beam_back_after(sim_facility, *, above_mA: float) -> dict[str, float]:
+    """Watch the ring current from a thread; record when it is first back above ``above_mA``."""
+    seen: dict[str, float] = {}
+    pv = f"{sim_facility.prefix_of('source')}RingCurrent_RBV"
+
+    def watch() -> None:
+        lost = False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            current = epics.caget(pv, timeout=2.0)
+            if current is not None and current < above_mA:
+                lost = True
+            elif lost and current is not None:
+                seen["time"] = time.time()
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+def _projections_all_lit(settings, result) -> np.ndarray:
+    scan = read_nxtomo(result.nxtomo.local_path(settings))
+    projections = scan.data[scan.image_key == 0].astype(np.float64)
+    darks = scan.data[scan.image_key == 2].astype(np.float64)
+    flats = scan.data[scan.image_key == 1].astype(np.float64)
+    # Beam on: each projection carries a good part of the flat's signal above the dark (the sample
+    # absorbs part of it); without beam a frame is a dark frame.
+    signal = (projections - darks.mean(axis=0)).mean(axis=(1, 2)) / (flats - darks.mean(axis=0)).mean()
+    return signal
+
+
+@pytest.mark.slow  # the beam stays off for 3 s by design
+def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_without_beam(settings, sim_facility):
+    watcher = build_beamline(settings)  # its own Channel Access view, to see when the scan is a third done
+    fired = {}
+
+    def dump_at_a_third() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and watcher.stage.rotation.position < 60.0:
+            time.sleep(0.01)
+        fired["time"] = time.time()
+        _dump_beam(sim_facility, 3.0)
+
+    threading.Thread(target=dump_at_a_third, daemon=True).start()
+    result = run_tomography(settings, SAMPLE, SCAN)
+    assert "time" in fired
+    with open_catalog(settings) as catalog:
+        run = catalog.runs[result.run_uid]
+        assert run.metadata["stop"]["exit_status"] == "success"
+        assert run.metadata["stop"]["num_events"]["primary"] >= SCAN.num_projections
+        reasons = list(np.asarray(run["interruptions"]["interruption"].read()))
+        assert any("ring current below 100.0 mA" in str(reason) for reason in reasons), reasons
+        assert len(run["primary"]["sample_stage_rotation"].read()) == SCAN.num_projections
+    signal = _projections_all_lit(settings, result)
+    assert signal.shape == (SCAN.num_projections,)
+    assert signal.min() > 0.2, f"a projection was kept without beam: {signal.round(3).tolist()}"
+
+
+@pytest.mark.slow  # the beam stays off for 10 s by design
+def test_a_tripped_beam_suspender_holds_the_scan_before_its_first_motion(settings, sim_facility):
+    back = _beam_back_after(sim_facility, above_mA=190.0)
+    # Longer than connecting the devices and opening the catalog, so the scan would start in the dark.
+    _dump_beam(sim_facility, 10.0)
+    result = run_tomography(settings, SAMPLE, SCAN)
+    with open_catalog(settings) as catalog:
+        run = catalog.runs[result.run_uid]
+        assert run.metadata["stop"]["exit_status"] == "success"
+        started = run.metadata["start"]["time"]
+    assert "time" in back
+    # The run (and with it the first motion: the preflight only reads) began after the beam was back.
+    assert started > back["time"]
+    assert _projections_all_lit(settings, result).min() > 0.2
+
+
+def test_a_killed_detector_ioc_fails_the_production_run_with_a_reason_naming_its_pvs(settings, sim_facility):
+    slow_scan = TomoScanRequest(num_projections=60, exposure_s=0.05, num_darks=1, num_flats=1)
+    watcher = build_beamline(settings)
+
+    def kill_mid_scan() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and watcher.stage.rotation.position < 30.0:
+            time.sleep(0.01)
+        sim_facility.kill("xray-detector")
+
+    threading.Thread(target=kill_mid_scan, daemon=True).start()
+    try:
+        with pytest.raises(EpicsDisconnectedError, match="EPICS disconnect"):
+            run_tomography(settings, SAMPLE, slow_scan)
+    finally:
+        sim_facility.restart("xray-detector")
+    detector_prefix = sim_facility.prefix_of("xray-detector")
+    with open_catalog(settings) as catalog:
+        (uid,) = list(catalog.runs)
+        stop = catalog.runs[uid].metadata["stop"]
+    assert stop["exit_status"] == "fail"
+    assert "EPICS disconnect" in stop["reason"] and detector_prefix in stop["reason"]
+    deadline = time.monotonic() + 15
+    while not watcher.detector.connected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert watcher.detector.connected
