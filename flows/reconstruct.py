@@ -143,6 +143,22 @@ def reconstruct_on_dask(
     )
 
 
+class InputMismatchError(RuntimeError):
+    """The reconstruction's input is not the file the transfer verified."""
+
+
+def manifest_sha256(manifest_path: Path, file: Path) -> str:
+    """The sha256 the transfer manifest at ``manifest_path`` recorded for ``file`` (below its directory)."""
+    import json
+
+    manifest = json.loads(Path(manifest_path).read_text())
+    relative = Path(file).resolve().relative_to(Path(manifest_path).parent.resolve()).as_posix()
+    for entry in manifest["files"]:
+        if entry["relative_path"] == relative:
+            return str(entry["sha256"])
+    raise InputMismatchError(f"{file}: not in the transfer manifest {manifest_path}")
+
+
 def reconstruction_stage(
     settings: Settings, request: ExperimentRequest, *, tomography: TomographyRun, transfer: TransferredRun
 ) -> ReconstructedVolume:
@@ -155,9 +171,17 @@ def reconstruction_stage(
     """
     run_uid, sample = tomography.run_uid, request.sample
     output = settings.compute_storage / run_uid / f"{sample.name}_volume.nxs"
-    product = reconstruct_on_dask(
-        sample, transfer.nxtomo.local_path(settings), output, run_uid, request.reconstruction, settings.compute
-    )
+    nxtomo = transfer.nxtomo.local_path(settings)
+    expected_sha256 = manifest_sha256(transfer.manifest.local_path(settings), nxtomo)
+    product = reconstruct_on_dask(sample, nxtomo, output, run_uid, request.reconstruction, settings.compute)
+    # The input was hashed while it was read: a file changed since its verified transfer gives a
+    # volume of the wrong data, which is never kept nor catalogued.
+    if product.input_sha256 != expected_sha256:
+        product.path.unlink(missing_ok=True)
+        raise InputMismatchError(
+            f"{nxtomo}: sha256 {product.input_sha256} differs from the transfer manifest's {expected_sha256}: "
+            f"the file changed after its verified transfer; the volume was discarded (transfer it again)"
+        )
     key = product_key(run_uid, "volume")
     provenance = read_provenance(product.path)
     with open_catalog(settings) as catalog:

@@ -257,3 +257,36 @@ def test_a_slab_failing_on_a_worker_fails_the_flow_naming_the_rows_and_leaves_no
             ComputeSettings(dask_address=cluster.scheduler_address),
         )
     assert not out.exists() and not out.with_name(out.name + ".part").exists()
+
+
+def test_an_input_changed_after_its_verified_transfer_is_refused_and_no_volume_is_kept(scan, prefect_harness, tmp_path):
+    from corrflow.catalog.tiled import open_catalog
+    from corrflow.config.settings import load_settings
+    from corrflow.flows.models import ExperimentRequest, StoredFile, TomographyRun, TransferredRun
+    from corrflow.flows.reconstruct import InputMismatchError, reconstruction_stage
+    from corrflow.transfer.verified import MANIFEST_NAME, transfer_files
+
+    settings = load_settings(data_root=tmp_path, compute={"dask_workers": 1})
+    settings.ensure_directories()
+    raw = _nxtomo(scan, "transferred")
+    source = settings.beamline_storage / "scan" / "transferred.nxs"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(raw.read_bytes())
+    transfer_files([source], source_root=settings.beamline_storage, destination_root=settings.compute_storage / "uid-9")
+    landed = settings.compute_storage / "uid-9" / "scan" / "transferred.nxs"
+    with h5py.File(landed, "r+") as f:  # bit rot on the compute storage, after the verified transfer
+        f["/entry/instrument/detector/data"][20, 10, 10] += 1
+    nxtomo = StoredFile.under(settings, "compute", landed)
+    transfer = TransferredRun(
+        catalog_key="uid-9-transfer", files=(nxtomo,), nxtomo=nxtomo,
+        manifest=StoredFile(site="compute", path=f"uid-9/{MANIFEST_NAME}"), total_bytes=landed.stat().st_size, seconds=0.0,
+    )
+    tomography = TomographyRun(
+        run_uid="uid-9", instrument="sim-tomo", files=(StoredFile.under(settings, "beamline", source),),
+        nxtomo=StoredFile.under(settings, "beamline", source),
+    )
+    with pytest.raises(InputMismatchError, match="differs from the transfer manifest"):
+        reconstruction_stage(settings, ExperimentRequest(), tomography=tomography, transfer=transfer)
+    assert not any(p.name.endswith(("_volume.nxs", ".part")) for p in (settings.compute_storage / "uid-9").iterdir())
+    with open_catalog(settings) as catalog:
+        assert "uid-9-volume" not in catalog.processed
