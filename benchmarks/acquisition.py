@@ -64,11 +64,13 @@ FRAME_SHAPE = (1024, 1024)
 
 
 # -- event overhead ---------------------------------------------------------------------------------
-def _per_event_seconds(readables: list[Any], *, num: int, repeats: int, callback: Callable[..., Any] | None = None) -> float:
+def _per_event_seconds(
+    readables: list[Any], *, num: int, repeats: int, callback: Callable[..., Any] | None = None, engine: Any = None
+) -> float:
     from bluesky import RunEngine
     from bluesky.plans import count
 
-    RE = RunEngine({}, context_managers=[])
+    RE = engine if engine is not None else RunEngine({}, context_managers=[])
     if callback is not None:
         RE.subscribe(callback)
     RE(count(readables, num=5))  # warm-up: descriptors, caches, catalog containers
@@ -126,6 +128,13 @@ def event_overhead_rows(*, num: int, repeats: int, root: Path) -> list[dict[str,
         rows.append({"implementation": "bluesky+ophyd.sim+catalog", "seconds": _per_event_seconds([det], num=num, repeats=repeats, callback=writer), "kind": "catalog"})
         rows.append({"implementation": "bluesky+ophyd.sim (8 devices)+catalog", "seconds": _per_event_seconds(peer_readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
         rows.append({"implementation": "corrflow-sim+catalog", "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
+        from corrflow.acquisition.runengine import make_run_engine
+
+        # What acquisitions run on: the production RunEngine with the beamline's protections installed.
+        production = make_run_engine(instrument=sim, protections=settings.beamline.protections)
+        rows.append({"implementation": "corrflow-sim+catalog, production RunEngine (protections)",
+                     "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, callback=writer, engine=production),
+                     "kind": "catalog8"})
         with _epics_beamline(root / "epics") as epics:
             readables = [epics.stage, epics.shutter, epics.heater, epics.beam]
             rows.append({"implementation": "corrflow-epics+catalog", "seconds": _per_event_seconds(readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})

@@ -18,16 +18,14 @@ from corrflow.devices.clock import SimClock
 from corrflow.devices.hdf5_stream import StreamingDetector
 from corrflow.devices.shutter import Shutter
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal
+from corrflow.formats.nexus import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
 from corrflow.devices.stage import SampleStage
 from corrflow.simulators import xray_frame
 from corrflow.simulators.world import SimulatedWorld
 
 __all__ = ["XrayDetector", "IMAGE_KEY_PROJECTION", "IMAGE_KEY_FLAT", "IMAGE_KEY_DARK", "IMAGE_KEYS"]
 
-# NXtomo image_key values.
-IMAGE_KEY_PROJECTION = 0
-IMAGE_KEY_FLAT = 1
-IMAGE_KEY_DARK = 2
+# NXtomo image_key values (defined once, with the NXtomo format in corrflow.formats.nexus).
 IMAGE_KEYS = (IMAGE_KEY_PROJECTION, IMAGE_KEY_FLAT, IMAGE_KEY_DARK)
 
 

@@ -38,12 +38,74 @@ DEFAULT_TOMOGRAPHY = TomoScanRequest()
 
 
 class RegistrationParameters(_Model):
-    """How the micrograph is placed in the volume."""
+    """How the micrograph is placed in the volume: the method, and the limits its result must pass.
+
+    Every method yields the 4x4 ``sample_from_microscope`` and a quality figure; a result outside its
+    method's limits is a failure (``RegistrationError``), never a transform handed on.
+    """
 
     section_z_um: float = Field(
         20.0, allow_inf_nan=False,
         description="Nominal height of the sectioned plane in the sample frame (um); refined by registration",
     )
+    method: Literal["fiducials", "intensity", "slice_in_volume", "auto"] = Field(
+        "fiducials",
+        description="'fiducials': fiducial markers detected in the micrograph and in the slices near section_z_um, "
+                    "matched and fitted with a similarity (quality: RMS fiducial residual, um). 'intensity': 2-D "
+                    "mutual-information registration of the micrograph to the slice at section_z_um, no markers "
+                    "needed (quality: normalized mutual information). 'slice_in_volume': the (possibly tilted) plane "
+                    "of the volume the micrograph shows, by mutual information, no markers needed (quality: "
+                    "normalized mutual information). The last two are also checked against the fiducials where "
+                    "these are seen. 'auto': fiducials first; if that fails its quality check, slice-in-volume, "
+                    "then intensity; every attempt and why it was rejected is recorded",
+    )
+    search_half_width_voxels: int = Field(
+        3, ge=1, le=64,
+        description="Slices on each side of section_z_um searched (voxels): by the fiducial fit, the height "
+                    "refinement and the slice-in-volume search",
+    )
+    fiducial_radius_um: float = Field(
+        16.0, gt=0, allow_inf_nan=False,
+        description="Nominal radius of the fiducial markers (um); detections within 35 % of it count",
+    )
+    max_residual_um: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Fiducials: largest accepted RMS fiducial residual (um); empty = half a voxel",
+    )
+    rotation_range_deg: tuple[float, float] = Field(
+        (-180.0, 180.0),
+        description="Intensity and slice-in-volume: in-plane rotations searched (microscope stage -> sample, "
+                    "counter-clockwise, deg, low then high); narrow it where the stage's mounting angle is known",
+    )
+    max_tilt_deg: float = Field(
+        3.0, ge=0, lt=45, allow_inf_nan=False,
+        description="Slice-in-volume: if the search with horizontal slabs fails, it is retried with slabs tilted "
+                    "by this angle about x and about y (deg); 0 = no retry",
+    )
+    min_nmi: float | None = Field(
+        None, gt=1, le=2, allow_inf_nan=False,
+        description="Intensity and slice-in-volume: smallest accepted normalized mutual information "
+                    "(dimensionless: 1 = independent images, 2 = one a function of the other); empty = the kernel's limit",
+    )
+    min_significance_sigma: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Intensity and slice-in-volume: smallest accepted significance of that NMI over the NMI of "
+                    "deliberately misplaced copies (standard deviations); empty = the kernel's limit",
+    )
+    fiducial_check_um: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Intensity and slice-in-volume: largest accepted RMS distance (um) between the fiducials as "
+                    "the transform places them and as the volume shows them, where fiducials are matched; "
+                    "empty = one voxel",
+    )
+
+    @field_validator("rotation_range_deg")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not -360.0 <= low <= high <= 360.0:  # also refuses NaN and infinities
+            raise ValueError(f"must be (low, high) with -360 <= low <= high <= 360, got {value}")
+        return value
 
 
 class PaganinParameters(_Model):
@@ -216,18 +278,54 @@ class MicrographRun(_Model):
 class RegisteredMicrograph(_Model):
     """The registration stage's product: the micrograph's transform into the X-ray volume's frame."""
 
+    class Quality(_Model):
+        """One figure a registration is judged by, and the limits it had to meet."""
+
+        name: str = Field(description="What is measured, e.g. 'rms_residual', 'normalized_mutual_information'")
+        value: float = Field(description="The figure, in `unit`")
+        unit: str = Field(description="Its unit: 'um', '1' (dimensionless), 'sigma' (standard deviations), 'count'")
+        lower_limit: float | None = Field(None, description="Accepted only at or above this (in `unit`); empty = no lower limit")
+        upper_limit: float | None = Field(None, description="Accepted only at or below this (in `unit`); empty = no upper limit")
+
+    class Attempt(_Model):
+        """One method tried, and whether its result was accepted."""
+
+        method: Literal["fiducials", "intensity", "slice_in_volume"]
+        accepted: bool
+        quality: RegisteredMicrograph.Quality | None = Field(
+            None, description="Its quality figure; empty = it failed before giving one"
+        )
+        reason: str = Field("", description="Why it was rejected, or its summary where accepted")
+
     catalog_key: str = Field(description="The registration in the catalog (/processed)")
-    method: Literal["fiducials"] = Field(description="How the transform was found")
+    method: Literal["fiducials", "intensity", "slice_in_volume"] = Field(description="How the transform was found")
     sample_from_microscope: list[list[float]] = Field(description="4x4 transform, microscope stage -> beamline sample (um)")
     scale: float
     rotation_deg: float
     translation_um: tuple[float, float, float]
-    rms_residual_um: float = Field(description="RMS distance of the matched fiducials after the fit (um)")
+    rms_residual_um: float | None = Field(
+        description="RMS distance of the matched fiducials after the fit (um); for 'intensity' and 'slice_in_volume' "
+                    "the check against the fiducials; empty = no fiducials matched"
+    )
     n_matches: int = Field(description="Fiducials matched between the micrograph and the volume")
     slice_index: int
     section_z_um: float = Field(description="Height of the sectioned plane in the sample frame (um)")
     matched_fiducials_um: list[tuple[float, float]] = Field(
         default_factory=list, description="Matched fiducial centres in the sample frame (x, y), um"
+    )
+    requested_method: Literal["fiducials", "intensity", "slice_in_volume", "auto"] = Field(
+        "fiducials", description="The method asked for (RegistrationParameters.method)"
+    )
+    quality: RegisteredMicrograph.Quality | None = Field(
+        None, description="The method's own quality figure: the RMS fiducial residual, or the normalized mutual information"
+    )
+    checks: list[RegisteredMicrograph.Quality] = Field(
+        default_factory=list,
+        description="Every other figure the result had to pass (matched fiducials, NMI significance, overlap, "
+                    "fiducial check)",
+    )
+    attempts: list[RegisteredMicrograph.Attempt] = Field(
+        default_factory=list, description="The methods tried, in order ('auto' tries several), the accepted one last"
     )
 
 

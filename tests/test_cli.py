@@ -90,3 +90,24 @@ def test_dry_run_of_an_unknown_plan_names_the_known_ones():
     result = runner.invoke(app, ["dry-run", "spiral_scan"])
     assert result.exit_code == 2
     assert "tomo_scan" in result.output
+
+
+def test_a_second_demo_on_a_busy_data_root_refuses_at_once_naming_the_first(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from corrflow.operations.locks import data_root_lock
+
+    with data_root_lock(tmp_path, what="corrflow demo (the first)"):
+        second = subprocess.run(
+            [str(Path(sys.executable).parent / "corrflow"), "demo", "--data-root", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        )
+    assert second.returncode == 2
+    assert f"pid {os.getpid()} (corrflow demo (the first))" in second.stderr + second.stdout
+    assert not (tmp_path / "beamline").exists(), "the second demo wrote nothing"
+    # The lock goes with its holder: the data root is free again.
+    with data_root_lock(tmp_path, what="after"):
+        pass

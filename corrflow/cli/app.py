@@ -73,6 +73,17 @@ def demo(
     """Run a whole simulated correlative experiment: tomography -> transfer -> reconstruction ->
     volume to the microscope -> micrograph -> registration -> ROI hand-off -> report."""
     settings = load(config, data_root)
+    from corrflow.operations.locks import DataRootBusy, data_root_lock
+
+    try:
+        with data_root_lock(settings.data_root, what="corrflow demo"):
+            _demo(settings, sample=sample, projections=projections, across_facilities=across_facilities)
+    except DataRootBusy as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _demo(settings: Settings, *, sample: str, projections: int, across_facilities: bool) -> None:
     _prepare_runtime(settings)
     from corrflow.flows.models import DEFAULT_SAMPLE, DEFAULT_TOMOGRAPHY, ExperimentRequest
 

@@ -79,8 +79,7 @@ from corrflow.processing.sinogram360 import (
     sinogram_360_to_180,
 )
 from corrflow.formats.checksums import sha256_file
-
-IMAGE_KEY_PROJECTION, IMAGE_KEY_FLAT, IMAGE_KEY_DARK = 0, 1, 2
+from corrflow.formats.nexus import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
 HASH_CHUNK_BYTES = 1 << 20  # hashing the input is I/O bound: a small buffer costs no speed
 # The Paganin kernel decays as exp(-r / L) (L the Paganin length); its weight beyond 16 L, exp(-16) / 2,
 # is at float32 resolution, so surroundings of 16 L make a row's filtered value independent of what
