@@ -75,7 +75,8 @@ class RegistrationParameters(_Model):
     rotation_range_deg: tuple[float, float] = Field(
         (-180.0, 180.0),
         description="Intensity and slice-in-volume: in-plane rotations searched (microscope stage -> sample, "
-                    "counter-clockwise, deg, low then high); narrow it where the stage's mounting angle is known",
+                    "counter-clockwise, deg, low then high, within -360..360); narrow it where the stage's mounting "
+                    "angle is known",
     )
     max_tilt_deg: float = Field(
         3.0, ge=0, lt=45, allow_inf_nan=False,
@@ -85,7 +86,8 @@ class RegistrationParameters(_Model):
     min_nmi: float | None = Field(
         None, gt=1, le=2, allow_inf_nan=False,
         description="Intensity and slice-in-volume: smallest accepted normalized mutual information "
-                    "(dimensionless: 1 = independent images, 2 = one a function of the other); empty = the kernel's limit",
+                    "(dimensionless: 1 = independent images, 2 = one a function of the other); empty = the "
+                    "kernel's limit",
     )
     min_significance_sigma: float | None = Field(
         None, gt=0, allow_inf_nan=False,
@@ -284,8 +286,12 @@ class RegisteredMicrograph(_Model):
         name: str = Field(description="What is measured, e.g. 'rms_residual', 'normalized_mutual_information'")
         value: float = Field(description="The figure, in `unit`")
         unit: str = Field(description="Its unit: 'um', '1' (dimensionless), 'sigma' (standard deviations), 'count'")
-        lower_limit: float | None = Field(None, description="Accepted only at or above this (in `unit`); empty = no lower limit")
-        upper_limit: float | None = Field(None, description="Accepted only at or below this (in `unit`); empty = no upper limit")
+        lower_limit: float | None = Field(
+            None, description="Accepted only at or above this (in `unit`); empty = no lower limit"
+        )
+        upper_limit: float | None = Field(
+            None, description="Accepted only at or below this (in `unit`); empty = no upper limit"
+        )
 
     class Attempt(_Model):
         """One method tried, and whether its result was accepted."""
@@ -317,7 +323,8 @@ class RegisteredMicrograph(_Model):
         "fiducials", description="The method asked for (RegistrationParameters.method)"
     )
     quality: RegisteredMicrograph.Quality | None = Field(
-        None, description="The method's own quality figure: the RMS fiducial residual, or the normalized mutual information"
+        None,
+        description="The method's own quality figure: the RMS fiducial residual, or the normalized mutual information",
     )
     checks: list[RegisteredMicrograph.Quality] = Field(
         default_factory=list,

@@ -214,7 +214,8 @@ class MethodRegistration:
 
     ``sample_from_microscope`` is 4x4 (um), its z translation the plane's height at the stage origin;
     ``section_z_um`` the height of the sectioned plane (um, at the micrograph's centre for a tilted plane);
-    ``slice_index`` the volume slice nearest it. ``rms_residual_um``, ``n_matches`` and
+    ``slice_index`` the volume slice the in-plane fit was made on (fiducials) or the one nearest the section
+    (the others). ``rms_residual_um``, ``n_matches`` and
     ``matched_fiducials_um`` (sample frame, um, ``(n, 2)``) are the fiducials matched between micrograph
     and volume and their RMS distance after this transform (None: none matched).
     """
@@ -238,7 +239,8 @@ def _kernel_default(kernel: Callable[..., Any], name: str) -> float:
     return float(inspect.signature(kernel).parameters[name].default)
 
 
-def _register_by_fiducials(micrograph: Micrograph, volume_path: Path, parameters: RegistrationParameters) -> MethodRegistration:
+def _register_by_fiducials(micrograph: Micrograph, volume_path: Path,
+                           parameters: RegistrationParameters) -> MethodRegistration:
     registration = register_to_volume(
         micrograph, volume_path, nominal_section_z_um=parameters.section_z_um,
         search_half_width_voxels=parameters.search_half_width_voxels,
@@ -253,7 +255,8 @@ def _register_by_fiducials(micrograph: Micrograph, volume_path: Path, parameters
         scale=fit.scale,
         rotation_deg=fit.rotation_deg,
         quality=Quality(name="rms_residual", value=fit.rms_residual_um, unit="um", upper_limit=fit.max_residual_um),
-        checks=(Quality(name="matched_fiducials", value=fit.n_matches, unit="count", lower_limit=3),),
+        checks=(Quality(name="matched_fiducials", value=fit.n_matches, unit="count",
+                        lower_limit=_kernel_default(register_microscope_to_slice, "min_matches")),),
         rms_residual_um=fit.rms_residual_um,
         n_matches=fit.n_matches,
         matched_fiducials_um=np.asarray(fit.sample_points_um, dtype=np.float64).reshape(-1, 2),
@@ -308,7 +311,8 @@ def _mutual_information_quality(
 
     quality = Quality(name="normalized_mutual_information", value=nmi, unit="1",
                       lower_limit=limit(parameters.min_nmi, "min_nmi"))
-    checks = [Quality(name="overlap_fraction", value=overlap, unit="1", lower_limit=_kernel_default(kernel, "min_overlap"))]
+    checks = [Quality(name="overlap_fraction", value=overlap, unit="1",
+                      lower_limit=_kernel_default(kernel, "min_overlap"))]
     if np.isfinite(significance):  # NaN: no misplaced copy overlapped enough to compare (the kernel refuses it)
         checks.insert(0, Quality(name="nmi_significance", value=significance, unit="sigma",
                                  lower_limit=limit(parameters.min_significance_sigma, "min_significance")))
@@ -332,8 +336,8 @@ def _checked_against_fiducials(
         checks.append(Quality(name="fiducial_rms_residual", value=check.rms_um, unit="um", upper_limit=largest))
         if check.rms_um > largest:
             raise RejectedRegistration(
-                f"{method} registration rejected: it disagrees with the fiducials ({check.note}, limit {largest:.2f} um); "
-                f"{message}", quality=quality, checks=tuple(checks),
+                f"{method} registration rejected: it disagrees with the fiducials ({check.note}, limit "
+                f"{largest:.2f} um); {message}", quality=quality, checks=tuple(checks),
             )
     similarity = transforms.decompose_similarity(matrix)
     return MethodRegistration(
@@ -349,8 +353,10 @@ def _mi_limits(parameters: RegistrationParameters) -> dict[str, float]:
     return {name: value for name, value in limits.items() if value is not None}
 
 
-def _register_by_intensity(micrograph: Micrograph, volume_path: Path, parameters: RegistrationParameters) -> MethodRegistration:
-    window = _read_window(volume_path, z_um=parameters.section_z_um, half_width_voxels=parameters.search_half_width_voxels)
+def _register_by_intensity(micrograph: Micrograph, volume_path: Path,
+                           parameters: RegistrationParameters) -> MethodRegistration:
+    window = _read_window(volume_path, z_um=parameters.section_z_um,
+                          half_width_voxels=parameters.search_half_width_voxels)
     k = window.centre
     result = register_intensity(
         window.slices[k - window.lo], micrograph.image,
@@ -433,7 +439,7 @@ class Registration:
     """The accepted registration, the method asked for, and every method tried (the accepted one last)."""
 
     found: MethodRegistration
-    requested_method: str
+    requested_method: Literal["fiducials", "intensity", "slice_in_volume", "auto"]
     attempts: tuple[Attempt, ...]
 
 
@@ -455,7 +461,8 @@ def register_micrograph(micrograph: Micrograph, volume_path: Path, parameters: R
         except RegistrationError as exc:
             if parameters.method != "auto":
                 raise
-            attempts.append(Attempt(method=method, accepted=False, quality=getattr(exc, "quality", None), reason=str(exc)))
+            attempts.append(Attempt(method=method, accepted=False, quality=getattr(exc, "quality", None),
+                                    reason=str(exc)))
             continue
         attempts.append(Attempt(method=method, accepted=True, quality=found.quality, reason=found.summary))
         return Registration(found=found, requested_method=parameters.method, attempts=tuple(attempts))
@@ -504,8 +511,9 @@ def registration_stage(
     residual = "no fiducials matched" if found.rms_residual_um is None else (
         f"residual {found.rms_residual_um:.2f} um over {found.n_matches} fiducials")
     print(
-        f"{found.method}: section at z={found.section_z_um:.2f} um (slice {found.slice_index}): scale {found.scale:.4f}, "
-        f"rotation {found.rotation_deg:.3f} deg, {quality.name} {quality.value:.3f} {quality.unit}, {residual}"
+        f"{found.method}: section at z={found.section_z_um:.2f} um (slice {found.slice_index}): "
+        f"scale {found.scale:.4f}, rotation {found.rotation_deg:.3f} deg, "
+        f"{quality.name} {quality.value:.3f} {quality.unit}, {residual}"
     )
     matrix = found.sample_from_microscope
     key = product_key(uid, "registration")

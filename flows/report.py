@@ -70,6 +70,21 @@ def _scores(
     return {"truth": truth, "reconstruction": ground_truth.reconstruction_error(volume, truth), "registration": reg_error}
 
 
+def describe_registration(registration: dict[str, Any]) -> str:
+    """One line: how the micrograph was registered and its quality figure.
+
+    The fiducial residual when fiducials were matched (every method is checked against them where it
+    can be); else the method's own figure (e.g. the normalized mutual information).
+    """
+    method = registration.get("method", "fiducials")
+    prefix = "" if method == "fiducials" else f"{method}: "
+    if registration.get("rms_residual_um") is not None:
+        return f"{prefix}{registration['n_matches']} fiducials, {registration['rms_residual_um']:.2f} um RMS residual"
+    quality = registration.get("quality") or {}
+    figure = f"{quality.get('name', 'quality')} {quality.get('value', float('nan')):.3f} {quality.get('unit', '')}".rstrip()
+    return f"{prefix}{figure} (no fiducials matched)"
+
+
 def report_stage(settings: Settings, request: ExperimentRequest, *, tomography: TomographyRun) -> ExperimentReport:
     """Summarise run ``tomography.run_uid``'s chain from the catalog; write and catalogue the report."""
     import h5py
@@ -134,8 +149,7 @@ def report_stage(settings: Settings, request: ExperimentRequest, *, tomography: 
         f"section         z = {registration['section_z_um']:.2f} um (slice {k})",
         f"registration    scale {registration['scale']:.4f}",
         f"                rotation {registration['rotation_deg']:.3f} deg",
-        f"                residual {registration['rms_residual_um']:.2f} um RMS",
-        f"                {registration['n_matches']} fiducials matched",
+        f"                {describe_registration(registration)}",
         f"ROI hand-off    feature at ({', '.join(f'{v:.0f}' for v in handoff['roi_sample_um'])}) um",
         f"                stage -> ({handoff['stage_x_um']:.1f}, {handoff['stage_y_um']:.1f}) um",
         f"                seen {_fmt(handoff['first_pass_offset_um'])} -> {_fmt(handoff['observed_offset_um'])} um off centre",

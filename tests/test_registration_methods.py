@@ -219,8 +219,8 @@ def test_auto_falls_back_to_slice_in_volume_and_the_stage_records_the_attempts(s
                                nxtomo=StoredFile(site="beamline", path="raw/scan.nxs"))
     micrograph_run = MicrographRun(run_uid=pulled_out.run_uid, instrument="sim-sem", files=())
     shipped = ShippedVolume(file=volume, source=StoredFile(site="compute", path="volumes/sim-volume.h5"),
-                            sha256="0" * 64, size_bytes=1, manifest=StoredFile(site="microscope", path="volumes/manifest.json"),
-                            seconds=0.0)
+                            sha256="0" * 64, size_bytes=1, seconds=0.0,
+                            manifest=StoredFile(site="microscope", path="volumes/manifest.json"))
     product = register.registration_stage(settings, request, tomography=tomography, volume_shipment=shipped,
                                           micrograph=micrograph_run)
 
@@ -246,7 +246,8 @@ def test_auto_falls_back_to_slice_in_volume_and_the_stage_records_the_attempts(s
     assert RegisteredMicrograph(catalog_key=product.catalog_key, **fields) == product  # the record is the product
     assert record["method"] == "slice_in_volume" and record["requested_method"] == "auto"
     assert record["quality"] == product.quality.model_dump(mode="json")
-    assert [(a["method"], a["accepted"]) for a in record["attempts"]] == [("fiducials", False), ("slice_in_volume", True)]
+    assert [(a["method"], a["accepted"]) for a in record["attempts"]] == [("fiducials", False),
+                                                                          ("slice_in_volume", True)]
 
 
 def test_auto_fails_with_every_attempt_when_no_method_passes(site, pulled_out):
@@ -261,3 +262,16 @@ def test_auto_fails_with_every_attempt_when_no_method_passes(site, pulled_out):
         assert attempt.reason and attempt.method in str(failed.value)
     for attempt in attempts[1:]:  # the mutual-information methods say which figure failed, and by how much
         assert attempt.quality is not None and attempt.quality.value < attempt.quality.lower_limit == 1.5
+
+
+def test_the_summary_line_of_a_registration_without_fiducials_gives_its_own_quality_figure():
+    from corrflow.flows.report import describe_registration
+
+    assert describe_registration({"method": "fiducials", "n_matches": 7, "rms_residual_um": 0.241}) == (
+        "7 fiducials, 0.24 um RMS residual"
+    )
+    line = describe_registration({
+        "method": "slice_in_volume", "n_matches": 0, "rms_residual_um": None,
+        "quality": {"name": "nmi", "value": 1.0331, "unit": ""},
+    })
+    assert line == "slice_in_volume: nmi 1.033 (no fiducials matched)"

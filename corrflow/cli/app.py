@@ -147,11 +147,13 @@ def _demo_across_facilities(settings: Settings, request: Any) -> dict[str, Any]:
 
 def print_summary(summary: dict[str, Any]) -> None:
     """The figures a person checks first, and where the summary and the report are."""
+    from corrflow.flows.report import describe_registration
+
     table = {
         "run uids": ", ".join([summary["run_uids"]["tomography"], summary["run_uids"]["micrograph"]]),
         "raw NXtomo": summary["raw_nxtomo_path"],
         "volume": summary["volume_path"],
-        "registration": f"{summary['registration']['n_matches']} fiducials, {summary['registration']['rms_residual_um']:.2f} um RMS residual",
+        "registration": describe_registration(summary["registration"]),
         "ROI hand-off": _handoff_line(summary["roi_handoff"]),
         "report": summary["report_png"],
     }
