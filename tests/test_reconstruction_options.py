@@ -483,11 +483,17 @@ def test_reconstruction_stage_catalogues_the_resolution(scan, tmp_path, monkeypa
     from corrflow.flows import reconstruct
     from corrflow.flows.models import ExperimentRequest, StoredFile, TomographyRun, TransferredRun
 
+    from corrflow.transfer.verified import MANIFEST_NAME, transfer_files
+
     settings = Settings(data_root=tmp_path / "data")
+    source = settings.beamline_storage / "scan.nxs"
+    source.parent.mkdir(parents=True)
+    shutil.copy(scan["path"], source)
+    # Landed as the transfer stage lands it: verified, with its manifest (reconstruction checks the input against it).
+    transfer_files([source], source_root=settings.beamline_storage, destination_root=settings.compute_storage / "run-2")
     raw = settings.compute_storage / "run-2" / "scan.nxs"
-    raw.parent.mkdir(parents=True)
-    shutil.copy(scan["path"], raw)
     nxtomo = StoredFile.under(settings, "compute", raw)
+    manifest = StoredFile(site="compute", path=f"run-2/{MANIFEST_NAME}")
     # The Dask runner's flow without its Prefect wrapper: the same function, on the in-process cluster.
     monkeypatch.setattr(
         reconstruct, "reconstruct_on_dask",
@@ -498,7 +504,7 @@ def test_reconstruction_stage_catalogues_the_resolution(scan, tmp_path, monkeypa
     volume = reconstruct.reconstruction_stage(
         settings, request,
         tomography=TomographyRun(run_uid="run-2", instrument="beamline", files=(nxtomo,), nxtomo=nxtomo),
-        transfer=TransferredRun(catalog_key="run-2-transfer", files=(nxtomo,), nxtomo=nxtomo, manifest=nxtomo,
+        transfer=TransferredRun(catalog_key="run-2-transfer", files=(nxtomo,), nxtomo=nxtomo, manifest=manifest,
                                 total_bytes=raw.stat().st_size, seconds=0.0),
     )
     record = read_provenance(volume.file.local_path(settings))
