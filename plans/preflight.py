@@ -175,6 +175,14 @@ def read_microscope_state(microscope: Any) -> MsgGenerator[MicroscopeState]:
     return MicroscopeState(x=x, y=y, detector=detector)
 
 
+READ_COMMANDS = frozenset({"read", "locate"})
+
+
+def answer_read(msg: Msg) -> Any:
+    """What a RunEngine would reply to a ``read`` or ``locate`` message: the device's answer now."""
+    return msg.obj.read() if msg.command == "read" else msg.obj.locate()
+
+
 def read_now(plan: Generator[Msg, Any, Any]) -> Any:
     """Run a read-only plan stub without a RunEngine, answering its reads from the devices.
 
@@ -184,12 +192,9 @@ def read_now(plan: Generator[Msg, Any, Any]) -> Any:
     try:
         while True:
             msg = plan.send(reply)
-            if msg.command == "read":
-                reply = msg.obj.read()
-            elif msg.command == "locate":
-                reply = msg.obj.locate()
-            else:
+            if msg.command not in READ_COMMANDS:
                 raise RuntimeError(f"read_now: a preflight read yielded {msg.command!r}, not a read")
+            reply = answer_read(msg)
     except StopIteration as stop:
         return stop.value
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +37,10 @@ from corrflow.plans.metadata import RESERVED_KEYS, Sample
 from corrflow.plans.preflight import (
     DISK_RESERVE_BYTES,
     MIN_HALF_ACQUISITION_OVERLAP_PX,
+    READ_COMMANDS,
     MicroscopeState,
     TomoState,
+    answer_read,
     check_micrograph,
     check_tomo_fly_scan,
     check_tomo_scan,
@@ -599,7 +601,7 @@ def estimate_micrograph(microscope: Any, **kwargs: Any) -> PlanEstimate:
     exposure_s = setup.exposure_s if setup.exposure_s is not None else state.detector.exposure_s
     return PlanEstimate(duration_s=travel_s + exposure_s, data_bytes=state.detector.frame_bytes(1), n_frames=1)
 
-def summarize_messages(plan: Iterable[Msg]) -> dict[str, Any]:
+def summarize_messages(plan: Generator[Msg, Any, Any]) -> dict[str, Any]:
     """Walk a plan without a RunEngine and count what it would do; nothing moves.
 
     Parameters
@@ -624,20 +626,15 @@ def summarize_messages(plan: Iterable[Msg]) -> dict[str, Any]:
     """
     commands: Counter[str] = Counter()
     events: Counter[str] = Counter()
-    iterator = iter(plan)
     reply: Any = None
     while True:
         try:
-            msg = iterator.send(reply) if hasattr(iterator, "send") else next(iterator)
+            msg = plan.send(reply)
         except StopIteration:
             break
         commands[msg.command] += 1
-        reply = None
-        if msg.command == "read":
-            reply = msg.obj.read()
-        elif msg.command == "locate":
-            reply = msg.obj.locate()
-        elif msg.command == "create":
+        reply = answer_read(msg) if msg.command in READ_COMMANDS else None
+        if msg.command == "create":
             events[msg.kwargs.get("name", msg.args[0] if msg.args else "primary")] += 1
     return {
         "messages": dict(commands),
