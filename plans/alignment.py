@@ -208,6 +208,9 @@ def align_rotation_axis(
         detectors=[detector.name],
         motors=[stage.rotation.name, stage.x.name, stage.z.name],
         num_points=len(ALIGNMENT_ANGLES_DEG),
+        planned_events={
+            "dark": request.num_darks, "flat": request.num_flats, "primary": len(ALIGNMENT_ANGLES_DEG), "alignment": 1,
+        },
         result_units=_RESULT_UNITS,
     )
     results = {name: Signal(name=f"alignment_{name}", value=float("nan")) for name in _RESULT_UNITS}

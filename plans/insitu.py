@@ -288,6 +288,7 @@ def time_lapse(
         detectors=[detector.name],
         motors=[stage.rotation.name],
         num_points=request["frames"],
+        planned_events={"dark": references.num_darks, "flat": references.num_flats, "primary": request["frames"]},
         hints={"dimensions": [([f"{detector.name}_timestamp"], "primary")]},
     )
 

@@ -34,7 +34,7 @@ __all__ = [
 RESERVED_KEYS = frozenset(
     {
         "identification", "references", "settings", "plan_name", "plan_args", "detectors", "motors", "num_points", "hints",
-        "nxtomo",
+        "nxtomo", "planned_events",
     }
 )
 

@@ -122,6 +122,7 @@ def _start_metadata(request: MicrographSetup) -> dict[str, Any]:
             detectors=[detector.name],
             motors=[request.stage.x.name, request.stage.y.name],
             num_points=1,
+            planned_events={"primary": 1},
         )
     except ValueError as exc:
         raise PlanValidationError("micrograph", [str(exc)]) from None

@@ -208,6 +208,7 @@ def xray_mosaic(
         detectors=[detector.name],
         motors=[stage.x.name, stage.z.name],
         num_points=len(request["tiles"]),
+        planned_events={"dark": request["darks"], "flat": request["flats"], "primary": len(request["tiles"])},
         hints={"dimensions": [([stage.x.name], "primary"), ([stage.z.name], "primary")]},
     )
     readables = [stage, shutter]
@@ -338,6 +339,7 @@ def micrograph_mosaic(
         detectors=[detector.name],
         motors=[stage.x.name, stage.y.name],
         num_points=len(request["tiles"]),
+        planned_events={"primary": len(request["tiles"])},
     )
 
     @bpp.run_decorator(md=start_md)

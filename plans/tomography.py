@@ -206,6 +206,7 @@ def _start_metadata(request: TomoScanSetup) -> dict[str, Any]:
             detectors=[detector.name],
             motors=[stage.rotation.name, stage.x.name],
             num_points=request.n_frames,
+            planned_events={"dark": request.num_darks, "flat": request.num_flats, "primary": request.num_projections},
             hints={"dimensions": [([stage.rotation.name], "primary")]},
             nxtomo={
                 "image_key_by_stream": dict(IMAGE_KEY_BY_STREAM),

@@ -19,7 +19,7 @@ from typing import Any
 
 from bluesky import RunEngine
 
-from corrflow.catalog.filters import ResumedRunFilter
+from corrflow.catalog.filters import CompletenessCheck, ResumedRunFilter
 from corrflow.config.settings import ProtectionSettings
 from corrflow.plans.interruptions import (
     ConnectionWatcher,
@@ -134,7 +134,9 @@ def make_run_engine(
     catalog_writer
         The catalog's ``TiledWriter``: subscribed through
         :class:`~corrflow.catalog.filters.ResumedRunFilter`, so a paused or suspended run that
-        resumes is catalogued with one event per ``seq_num`` and images that match them.
+        resumes is catalogued with one event per ``seq_num`` and images that match them, then
+        :class:`~corrflow.catalog.filters.CompletenessCheck`, so a run is catalogued ``success``
+        only when it took every event its plan declared (``planned_events``).
     instrument, protections
         The instrument the plans run on and its protection settings
         (``settings.beamline.protections``): :func:`instrument_protections` picks what to install.
@@ -155,7 +157,7 @@ def make_run_engine(
         {"producer": producer_metadata()}, context_managers=[], protections=suspenders, settle_s=settle_s
     )
     if catalog_writer is not None:
-        engine.subscribe(ResumedRunFilter(catalog_writer, engine=engine))
+        engine.subscribe(ResumedRunFilter(CompletenessCheck(catalog_writer), engine=engine))
     for callback in callbacks:
         engine.subscribe(callback)
     register_engine(engine)  # a cancelled flow run aborts it: motors stopped, stop document 'abort'

@@ -41,7 +41,7 @@ from typing import Any
 
 from bluesky import RunEngine
 
-__all__ = ["CatalogFilterError", "ResumedRunFilter", "VIEW_SUFFIX", "view_sources", "with_view_sources"]
+__all__ = ["CatalogFilterError", "CompletenessCheck", "ResumedRunFilter", "VIEW_SUFFIX", "view_sources", "with_view_sources"]
 
 DocumentCallback = Callable[[str, dict[str, Any]], Any]
 
@@ -268,6 +268,68 @@ class ResumedRunFilter:
         view = write_frame_view(sources, dataset=first["parameters"]["dataset"], data_key=first["data_key"])
         self.views.append(view)
         return {**first, "uri": f"{_FILE_URI_PREFIX}{view}", "parameters": {**first["parameters"], "swmr": False}}
+
+
+class CompletenessCheck:
+    """A document callback that lets ``writer`` record ``success`` only for a run that took every planned point.
+
+    A plan declares what it will take in its start document, ``planned_events`` (stream name ->
+    number of events: ``{"dark": 5, "flat": 10, "primary": 180}``). Placed behind
+    :class:`ResumedRunFilter` (so a re-taken frame counts once), it counts the distinct
+    ``seq_num`` of each stream; a stop document that says ``success`` for a run with a stream
+    short of its plan (a detector that dropped frames, a loop cut short) reaches the writer as
+    ``exit_status="fail"`` with a reason that names each short stream, e.g. ``primary: 216 of 360
+    planned events taken``. A run that failed or was aborted keeps its own status and gets the
+    count added to its reason. Runs without ``planned_events`` pass unchanged.
+
+    Attributes
+    ----------
+    incomplete
+        Run uid -> the reason, for every run this check turned from ``success`` to ``fail``.
+    """
+
+    def __init__(self, writer: DocumentCallback) -> None:
+        self.writer = writer
+        self.incomplete: dict[str, str] = {}
+        self._planned: dict[str, dict[str, int]] = {}  # run uid -> stream -> planned events
+        self._stream_of: dict[str, tuple[str, str]] = {}  # descriptor uid -> (run uid, stream name)
+        self._seen: dict[str, dict[str, set[int]]] = {}  # run uid -> stream -> seq_nums
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> Any:
+        if name == "start" and doc.get("planned_events"):
+            self._planned[doc["uid"]] = {str(k): int(v) for k, v in doc["planned_events"].items()}
+            self._seen[doc["uid"]] = {}
+        elif name == "descriptor" and doc["run_start"] in self._planned:
+            self._stream_of[doc["uid"]] = (doc["run_start"], doc.get("name", "primary"))
+        elif name == "event" and doc["descriptor"] in self._stream_of:
+            self._count(doc["descriptor"], [int(doc["seq_num"])])
+        elif name == "event_page" and doc["descriptor"] in self._stream_of:
+            self._count(doc["descriptor"], [int(n) for n in doc["seq_num"]])
+        elif name == "stop" and doc["run_start"] in self._planned:
+            doc = self._judged(doc)
+        return self.writer(name, doc)
+
+    def _count(self, descriptor: str, seq_nums: list[int]) -> None:
+        run_uid, stream = self._stream_of[descriptor]
+        self._seen[run_uid].setdefault(stream, set()).update(seq_nums)
+
+    def _judged(self, stop: dict[str, Any]) -> dict[str, Any]:
+        run_uid = stop["run_start"]
+        planned, seen = self._planned.pop(run_uid), self._seen.pop(run_uid)
+        for descriptor in [d for d, (uid, _) in self._stream_of.items() if uid == run_uid]:
+            del self._stream_of[descriptor]
+        short = [
+            f"{stream}: {len(seen.get(stream, ()))} of {count} planned events taken"
+            for stream, count in planned.items()
+            if len(seen.get(stream, ())) < count
+        ]
+        if not short:
+            return stop
+        reason = "; ".join(short)
+        if stop.get("exit_status") == "success":
+            self.incomplete[run_uid] = reason
+            return {**stop, "exit_status": "fail", "reason": f"incomplete run: {reason}"}
+        return {**stop, "reason": "; ".join(filter(None, [stop.get("reason", ""), reason]))}
 
 
 def _datums(resource_uid: str, descriptor: str, kept: Sequence[tuple[int, int]]) -> Iterable[dict[str, Any]]:
