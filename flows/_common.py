@@ -11,7 +11,11 @@ from corrflow.config.settings import Settings, active_settings
 def flow_settings() -> Settings:
     """Settings for a flow run: those its runner activated, else validated from the environment and
     the YAML file of the process running it (a worker at another facility validates its own
-    settings; the dashboard never sends them)."""
+    settings; the dashboard never sends them). In a process a worker started, it also starts the
+    watch that ends the flow run should that worker die (:mod:`corrflow.operations.supervision`)."""
+    from corrflow.operations.supervision import watch_worker
+
+    watch_worker()  # a flow run started by a worker ends if that worker dies
     settings = active_settings()
     settings.ensure_directories()
     return settings

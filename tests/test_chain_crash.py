@@ -148,3 +148,73 @@ def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facili
     assert again["stop"]["exit_status"] == "success"
     assert lost["stop"]["time"] < again["start"]["time"]
     print(f"crashed run closed {lost['stop']['time'] - lost['start']['time']:.0f} s after it started, by the re-run's acquisition")
+
+
+def _active_slots(limit_name: str) -> int:
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return (await client.read_global_concurrency_limit_by_name(limit_name)).active_slots
+
+    return asyncio.run(go())
+
+
+def _wait_ended(processes, *, timeout_s):
+    """The processes still running after ``timeout_s``; an exited one left unreaped (a zombie: the
+    sandbox's init may not reap orphans) has ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for process in processes:
+            try:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(process)
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def test_a_flow_run_whose_worker_alone_is_killed_aborts_its_scan_frees_the_slot_and_ends(facility):
+    """Only the worker dies (kill -9); its flow-run process, in a session of its own, would carry on
+    heartbeating with the instrument's slot held. It sees it has lost its worker and ends itself:
+    the scan is aborted with the reason, the slot freed, the run recorded Crashed."""
+    from corrflow.operations.deploy import instrument_limit_name
+    from corrflow.operations.server import production_settings, start_worker
+
+    settings = production_settings(facility.settings)
+    limit = instrument_limit_name(settings.beamline.name)
+    worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-orphan")
+    run_id = _start_long_tomography("orphan-01", 6000)
+    try:
+        _wait_state(run_id, lambda s: s.is_running(), timeout_s=120, worker=worker)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not _runs_of_sample(settings, "orphan-01"):
+            time.sleep(0.5)  # the RunEngine is acquiring
+        time.sleep(2.0)
+        assert _active_slots(limit) == 1
+        flow_run_processes = psutil.Process(worker.process.pid).children(recursive=True)
+        assert flow_run_processes, "the worker has started no flow-run process"
+        killed_at = time.monotonic()
+        psutil.Process(worker.process.pid).kill()  # the worker only
+        worker.process.wait(10)
+        alive = _wait_ended(flow_run_processes, timeout_s=60)
+        ended_s = time.monotonic() - killed_at
+        for process in alive:
+            process.kill()
+    finally:
+        worker.stop()
+    assert not alive, f"flow-run processes outlived their worker: {[p.pid for p in alive]}"
+    final = _wait_state(run_id, lambda s: s.is_final(), timeout_s=30, worker=worker)
+    (run,) = _runs_of_sample(settings, "orphan-01")
+    assert final.is_crashed() or final.is_failed(), final
+    assert run["stop"]["exit_status"] == "abort", run["stop"]
+    assert f"the worker (pid {worker.process.pid}) that started flow run {run_id} is gone" in run["stop"]["reason"]
+    assert _active_slots(limit) == 0, "the instrument slot is still held"
+    assert not list(settings.beamline_storage.rglob("orphan-01_*_nxtomo.nxs"))
+    print(
+        f"worker killed -> flow-run process ended {ended_s:.1f} s later; run {final.type.value}, "
+        f"{run['stop']['num_events'].get('primary', 0)} of 6000 projections, stop 'abort', slot free"
+    )

@@ -34,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 _engines: weakref.WeakSet[Any] = weakref.WeakSet()
 _lock = threading.Lock()
+_termination_reason: str | None = None
+
+
+def set_termination_reason(reason: str) -> None:
+    """Say why this process is about to be terminated (e.g. its worker is gone); an interrupted
+    :func:`run_abortable` closes its run with this reason instead of its own."""
+    global _termination_reason
+    _termination_reason = reason
 
 
 def register_engine(engine: Any) -> Any:
@@ -108,6 +116,7 @@ def run_abortable(function: Callable[[], T], *, reason: str = "flow run cancelle
             worker.join(0.1)
     except BaseException:
         engines = live_engines()
+        reason = _termination_reason or reason
         count = abort_engines(engines, reason=reason)
         logger.warning("interrupted: aborted %d RunEngine(s) (%s); closing the run before exiting", count, reason)
         deadline = time.monotonic() + join_timeout_s

@@ -100,7 +100,8 @@ class ProductionRunEngine(RunEngine):
 
     The suspenders are installed when a plan starts and removed when it ends (so their
     subscriptions do not outlive the acquisition), and every call runs the plan behind
-    :func:`~corrflow.plans.interruptions.hold_while_tripped`.
+    :func:`~corrflow.plans.interruptions.hold_while_tripped`. The reason given to ``abort`` is
+    the stop document's reason.
     """
 
     def __init__(self, *args: Any, protections: list[Any] | None = None, settle_s: float = 0.0, **kwargs: Any) -> None:
@@ -108,6 +109,13 @@ class ProductionRunEngine(RunEngine):
         self.protections = list(protections or [])
         self.settle_s = settle_s
         self.record_interruptions = True  # every suspension and resumption lands in the run
+
+    async def _close_run(self, msg: Any) -> Any:
+        # bluesky's run_decorator closes an aborted run with the (empty) text of RequestAbort, so the
+        # reason given to abort() (a cancellation, a lost worker) would never reach the stop document.
+        if not msg.kwargs.get("reason") and self._reason and msg.kwargs.get("exit_status") in ("abort", "fail"):
+            msg = msg._replace(kwargs={**msg.kwargs, "reason": self._reason})
+        return await super()._close_run(msg)
 
     def __call__(self, plan: Any, *args: Any, **kwargs: Any) -> Any:
         for suspender in self.protections:
