@@ -130,10 +130,14 @@ def event_overhead_rows(*, num: int, repeats: int, root: Path) -> list[dict[str,
         rows.append({"implementation": "corrflow-sim+catalog", "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, callback=writer), "kind": "catalog8"})
         from corrflow.acquisition.runengine import make_run_engine
 
-        # What acquisitions run on: the production RunEngine with the beamline's protections installed.
-        production = make_run_engine(instrument=sim, protections=settings.beamline.protections)
-        rows.append({"implementation": "corrflow-sim+catalog, production RunEngine (protections)",
-                     "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, callback=writer, engine=production),
+        from corrflow.catalog.spool import DocumentSpool
+
+        # What acquisitions run on: the production RunEngine with the beamline's protections, the
+        # catalog behind the resume filter, the completeness check and the on-disk spool.
+        spool = DocumentSpool(writer, directory=root / "spool", catalog_address="benchmark catalog")
+        production = make_run_engine(catalog_writer=spool, instrument=sim, protections=settings.beamline.protections)
+        rows.append({"implementation": "corrflow-sim+catalog, production RunEngine (protections, spool)",
+                     "seconds": _per_event_seconds(sim_readables, num=num, repeats=repeats, engine=production),
                      "kind": "catalog8"})
         with _epics_beamline(root / "epics") as epics:
             readables = [epics.stage, epics.shutter, epics.heater, epics.beam]

@@ -21,8 +21,9 @@ from corrflow.acquisition.cancellation import run_abortable
 from corrflow.acquisition.runengine import EventCounter, make_run_engine
 from corrflow.catalog.filters import with_view_sources
 from corrflow.catalog.reconcile import reconcile_runs
-from corrflow.catalog.tiled import external_file_paths, open_catalog, tiled_writer
-from corrflow.config.settings import Settings
+from corrflow.catalog.spool import DocumentSpool
+from corrflow.catalog.tiled import Catalog, external_file_paths, open_catalog, tiled_writer
+from corrflow.config.settings import ProtectionSettings, Settings
 from corrflow.devices.beamline import Beamline, build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
@@ -70,6 +71,33 @@ def close_lost_runs(catalog: Any, instrument: str) -> list[str]:
     for entry in closed:
         print(f"closed run {entry.uid} of {instrument} (no stop document): {entry.reason}")
     return [entry.uid for entry in closed]
+
+
+def acquire_catalogued(
+    settings: Settings, catalog: Catalog, instrument: Any, plan: Any, *callbacks: Any, protections: ProtectionSettings
+) -> Any:
+    """Run ``plan`` on the production RunEngine with the catalog behind a spool; returns the catalogued run.
+
+    Runs that died with their process are closed first (:func:`close_lost_runs`). Every document
+    goes to the spool on local disk before the catalog (:mod:`corrflow.catalog.spool`): if the
+    catalog goes away mid-run the acquisition goes on, and afterwards the run is replayed into it
+    once it answers again (``settings.catalog.outage_wait_s``).
+
+    Raises
+    ------
+    CatalogUnavailableError
+        The catalog did not come back in time; the message names it and the spool file.
+    AcquisitionError
+        The run did not end ``success`` (every planned point taken).
+    """
+    close_lost_runs(catalog, instrument.name)
+    spool = DocumentSpool(tiled_writer(catalog.runs, settings), directory=settings.spool_dir, catalog_address=settings.catalog_address)
+    engine = make_run_engine(*callbacks, catalog_writer=spool, instrument=instrument, protections=protections)
+    (uid,) = engine(plan)
+    spool.settle(uid, catalog.runs, wait_s=settings.catalog.outage_wait_s, make_writer=lambda: tiled_writer(catalog.runs, settings))
+    run = catalog.runs[uid]
+    _check_success(run)
+    return run
 
 
 def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
@@ -180,16 +208,11 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomoScanReque
     )
     plan = tomo_scan(beamline, **parameters.model_dump(), sample=sample)
     with open_catalog(settings) as catalog:
-        close_lost_runs(catalog, beamline.name)
-        engine = make_run_engine(
-            EventCounter("tomography (projections)", parameters.num_projections),
-            catalog_writer=tiled_writer(catalog.runs, settings),
-            instrument=beamline,
+        run = acquire_catalogued(
+            settings, catalog, beamline, plan, EventCounter("tomography (projections)", parameters.num_projections),
             protections=settings.beamline.protections,
         )
-        (uid,) = engine(plan)
-        run = catalog.runs[uid]
-        _check_success(run)
+        uid = run.metadata["start"]["uid"]
         nexus = export_nxtomo(run, beamline, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
         # A resumed run's re-taken frames are catalogued through a view of the detector file:
         # both files travel.
@@ -219,16 +242,8 @@ def run_micrograph(
         parent_uids=tuple(parent_uids),
     )
     with open_catalog(settings) as catalog:
-        close_lost_runs(catalog, microscope.name)
-        engine = make_run_engine(
-            EventCounter("micrograph", 1),
-            catalog_writer=tiled_writer(catalog.runs, settings),
-            instrument=microscope,
-            protections=settings.microscope.protections,
-        )
-        (uid,) = engine(plan)
-        run = catalog.runs[uid]
-        _check_success(run)
+        run = acquire_catalogued(settings, catalog, microscope, plan, EventCounter("micrograph", 1), protections=settings.microscope.protections)
+        uid = run.metadata["start"]["uid"]
         files = tuple(with_view_sources(external_file_paths(run)))
     return MicrographRun(
         run_uid=uid,

@@ -130,13 +130,23 @@ def _in_process_context(settings: Settings) -> Any:
 def open_catalog(settings: Settings) -> Iterator[Catalog]:
     """Yield the catalog's clients; closes what it opened on exit.
 
-    With ``settings.catalog.url`` set, connects to that server (with the API key, if any);
-    otherwise serves the embedded SQLite catalog in-process (its app built once per process).
+    With ``settings.catalog.url`` set, connects to that server (with the API key, if any), and a
+    server that does not answer raises :class:`~corrflow.catalog.spool.CatalogUnavailableError`
+    naming it; otherwise serves the embedded SQLite catalog in-process (its app built once per process).
     """
     from tiled.client import from_context, from_uri
 
     if settings.catalog.url:
-        root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+        import httpx
+
+        from corrflow.catalog.spool import CatalogUnavailableError
+
+        try:
+            root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+        except httpx.TransportError as exc:
+            raise CatalogUnavailableError(
+                f"the catalog at {settings.catalog_address} does not answer ({type(exc).__name__}: {exc}); nothing was acquired"
+            ) from None
         try:
             yield Catalog(root, _child(root, RUNS_KEY, BLUESKY_CATALOG_SPECS), _child(root, PROCESSED_KEY, None))
         finally:

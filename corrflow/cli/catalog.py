@@ -1,4 +1,5 @@
-"""`corrflow catalog reconcile`: close the catalog entries of acquisitions whose process died."""
+"""`corrflow catalog reconcile`: close the catalog entries of acquisitions whose process died;
+`corrflow catalog replay`: write the runs spooled while the catalog was down."""
 
 from __future__ import annotations
 
@@ -64,3 +65,39 @@ def reconcile(
         f"{len(entries)} run(s) without a stop document: {counts['closed']} closed, "
         f"{counts['would close']} would be closed, {counts['kept']} kept ({seconds:.2f} s)"
     )
+
+
+@app.command()
+def replay(config: ConfigOption = None, data_root: DataRootOption = None) -> None:
+    """Write to the catalog every run spooled on this host while it was down (``<data_root>/spool``).
+
+    Each finished run replaces whatever part of it the catalog holds, and its spool file is removed
+    once the catalog has its stop document. A run spooled without a stop (still acquiring, or its
+    process died) is written as far as it goes and keeps its file. Prints one JSON line per run;
+    exits 1 if any run could not be written.
+    """
+    settings = load(config, data_root)
+    if settings.prefect.api_url:
+        from corrflow.operations.server import production_settings
+
+        settings = production_settings(settings)
+    from corrflow.catalog.spool import read_spool_file, replay_spool_file, spooled_runs
+    from corrflow.catalog.tiled import open_catalog, tiled_writer
+
+    paths = spooled_runs(settings.spool_dir)
+    failed = 0
+    with open_catalog(settings) as catalog:
+        for path in paths:
+            documents = list(read_spool_file(path))
+            stopped = bool(documents) and documents[-1][0] == "stop"
+            try:
+                uid = replay_spool_file(path, catalog.runs, tiled_writer(catalog.runs, settings))
+            except Exception as exc:  # reported per run; the spool file stays
+                failed += 1
+                typer.echo(json.dumps({"spool": str(path), "action": "failed", "error": f"{type(exc).__name__}: {exc}"}))
+                continue
+            typer.echo(json.dumps({"uid": uid, "action": "replayed" if stopped else "replayed (no stop yet)",
+                                   "documents": len(documents), "spool": str(path), "kept": path.exists()}))
+    console.print(f"{len(paths)} spooled run(s) for the catalog at {settings.catalog_address}: {len(paths) - failed} written, {failed} failed")
+    if failed:
+        raise typer.Exit(1)

@@ -75,6 +75,12 @@ class CatalogSettings(_Section):
     url: str | None = Field(None, description="URL of a running Tiled server; if set, the in-process catalog is not used")
     api_key: str | None = Field(None, description="Tiled API key used with `url`")
     batch_size: int = Field(100, ge=1, description="TiledWriter event batch size (1 costs ~33 ms/event, 100 ~2 ms)")
+    outage_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="After a run whose documents the catalog missed (spooled on local disk), how long to wait for "
+        "the catalog to come back and replay them before the acquisition fails, keeping the spool (s)",
+    )
 
 
 InstrumentMode = Literal["sim", "epics"]
@@ -387,6 +393,16 @@ class Settings(BaseSettings):
     @property
     def catalog_dir(self) -> Path:
         return self.data_root / "catalog"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where runs the catalog has not taken yet are kept (:mod:`corrflow.catalog.spool`)."""
+        return self.data_root / "spool"
+
+    @property
+    def catalog_address(self) -> str:
+        """The catalog as an operator knows it (the server's URL, or the embedded catalog's database), no password."""
+        return _redacted(self.catalog.url or self.catalog_uri)
 
     @property
     def catalog_uri(self) -> str:
