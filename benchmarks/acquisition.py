@@ -38,6 +38,11 @@ Cases (the "Benchmarks convention" of benchmarks/__init__.py)
       writes, with 12 per-frame NDAttributes.
 
     ``ratio`` = throughput / the ``h5py`` peer's.
+``nxtomo_export``  ``seconds`` = wall time to write the NXtomo file of N frames already in a detector
+    file, ``megabytes`` its size: the frames copied into it, or linked (the production export: a
+    virtual dataset, one mapping per frame). ``ratio`` = seconds / the copy's.
+``nxtomo_slab_read``  ``seconds`` = reading rows 0:8 of every frame (a reconstruction slab) from the
+    detector file itself (the peer), the copied NXtomo and the linked one; ``ratio`` = seconds / the peer's.
 
 Timing: best of N after one untimed warm-up (the machine is shared by other processes).
 """
@@ -223,6 +228,59 @@ def hdf5_frames_rows(*, n: int, repeats: int, root: Path) -> list[dict[str, Any]
     return rows
 
 
+def _nxtomo_export(path: Path, data: Any) -> None:
+    from corrflow.formats.nexus import write_nxtomo
+
+    n = data.shape[0]
+    write_nxtomo(
+        path, data=data, image_key=np.zeros(n, dtype=np.int8), rotation_angle_deg=np.linspace(0.0, 180.0, n, endpoint=False),
+        x_translation_um=0.0, y_translation_um=0.0, z_translation_um=0.0, pixel_size_um=1.0, distance_mm=10.0,
+        energy_keV=20.0, count_time_s=0.01, sample_name="bench", title="bench",
+        metadata={"identification": {}, "references": {}, "settings": {}},
+    )
+
+
+def nxtomo_export_rows(*, n: int, repeats: int, root: Path) -> list[dict[str, Any]]:
+    """The NXtomo export of a scan already in a detector file: copied (array) or linked (virtual
+    dataset), its time and size; then an 8-row slab over every frame read back, as the reconstruction
+    reads it, from each and from the detector file itself (the peer)."""
+    from corrflow.formats.nexus import LinkedFrames
+
+    frames = _frames(n)
+    detector = root / "detector.h5"
+    _h5py_plain(detector, frames)
+    linked = LinkedFrames(tuple((detector, "data", k) for k in range(n)), frame_shape=FRAME_SHAPE, dtype=frames.dtype)
+    exports = {"NXtomo export, frames copied": lambda: frames, "NXtomo export, frames linked (virtual dataset)": lambda: linked}
+    rows: list[dict[str, Any]] = []
+    written: dict[str, Path] = {}
+    for implementation, data in exports.items():
+        def once() -> None:
+            path = root / f"{uuid.uuid4().hex}.nxs"
+            _nxtomo_export(path, data())
+            written[implementation] = path
+
+        seconds, _ = best_of(once, repeats=repeats)
+        rows.append({"case": "nxtomo_export", "implementation": implementation, "seconds": seconds,
+                     "megabytes": written[implementation].stat().st_size / 1e6, "note": f"{n} frames {FRAME_SHAPE[0]}x{FRAME_SHAPE[1]} uint16"})
+    for row in rows:
+        row["ratio"] = row["seconds"] / rows[0]["seconds"]
+    reads = {"slab read, detector file (h5py)": (detector, "data")} | {
+        f"slab read, {name.removeprefix('NXtomo export, ')}": (written[name], "/entry/instrument/detector/data") for name in exports
+    }
+    slab_rows = []
+    for implementation, (path, dataset) in reads.items():
+        def read() -> None:
+            with h5py.File(path, "r") as f:
+                f[dataset][:, 0:8, :]
+
+        read()
+        seconds, _ = best_of(read, repeats=repeats)
+        slab_rows.append({"case": "nxtomo_slab_read", "implementation": implementation, "seconds": seconds, "note": f"rows 0:8 of {n} frames"})
+    for row in slab_rows:
+        row["ratio"] = row["seconds"] / slab_rows[0]["seconds"]
+    return rows + slab_rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.acquisition", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer events and frames, best of 3")
@@ -233,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="corrflow-bench-acq-") as tmp:
         root = Path(tmp)
         rows = hdf5_frames_rows(n=num_frames, repeats=repeats, root=root)
+        rows += nxtomo_export_rows(n=num_frames, repeats=repeats, root=root)
         rows += event_overhead_rows(num=num_events, repeats=repeats, root=root)
-    print_table(rows, columns=["case", "implementation", "seconds", "throughput_MBps", "ratio", "note"], title="acquisition")
+    print_table(rows, columns=["case", "implementation", "seconds", "throughput_MBps", "megabytes", "ratio", "note"], title="acquisition")
     path = write_results(NAME, rows)
     print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
     return 0

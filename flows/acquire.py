@@ -24,7 +24,7 @@ from corrflow.catalog.reconcile import reconcile_runs
 from corrflow.catalog.spool import DocumentSpool
 from corrflow.catalog.tiled import Catalog, external_file_paths, open_catalog, tiled_writer
 from corrflow.config.settings import ProtectionSettings, Settings
-from corrflow.devices.beamline import Beamline, build_beamline
+from corrflow.devices.beamline import build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
 from corrflow.flows.models import (
@@ -35,10 +35,10 @@ from corrflow.flows.models import (
     StoredFile,
     TomographyRun,
 )
-from corrflow.formats.nexus import write_nxtomo
+from corrflow.formats.nexus import write_nxtomo_from_documents
 from corrflow.plans.requests import MicrographRequest, TomoScanRequest
 from corrflow.plans.microscopy import micrograph
-from corrflow.plans.tomography import IMAGE_KEY_BY_STREAM, tomo_scan
+from corrflow.plans.tomography import tomo_scan
 from corrflow.simulators.world import SimulatedWorld
 
 
@@ -100,40 +100,15 @@ def acquire_catalogued(
     return run
 
 
-def export_nxtomo(run: Any, beamline: Beamline, path: Path) -> Path:
-    """Write a catalogued tomography run as NeXus NXtomo, reading every frame back through Tiled.
+def export_nxtomo(run: Any, path: Path) -> Path:
+    """Write a catalogued tomography run as NeXus NXtomo, from the documents the catalog holds.
 
-    Streams ``dark``, ``flat`` and ``primary`` become image_key 2, 1 and 0, in that order.
+    Streams ``dark``, ``flat`` and ``primary`` become image_key 2, 1 and 0, in that order; the
+    geometry is the one the plan read when it ran (its start document). The frames are not copied:
+    the NXtomo's ``data`` is a virtual dataset of the frames in the detector files (or their views)
+    beside it, which travel with it.
     """
-    image_key_name = f"{beamline.detector.name}_image"
-    axes = {axis: getattr(beamline.stage, axis).name for axis in ("rotation", "x", "y", "z")}
-    frames, keys, columns = [], [], {axis: [] for axis in axes}
-    for stream in ("dark", "flat", "primary"):
-        data = run[stream]
-        images = np.asarray(data[image_key_name].read())
-        frames.append(images)
-        keys.append(np.full(len(images), IMAGE_KEY_BY_STREAM[stream], dtype=np.int32))
-        for axis, field in axes.items():
-            columns[axis].append(np.asarray(data[field].read(), dtype=np.float64))
-    start = run.metadata["start"]
-    parameters = start.get("settings", {}).get("parameters", {})
-    return write_nxtomo(
-        path,
-        data=np.concatenate(frames),
-        image_key=np.concatenate(keys),
-        rotation_angle_deg=np.concatenate(columns["rotation"]),
-        x_translation_um=np.concatenate(columns["x"]),
-        y_translation_um=np.concatenate(columns["y"]),
-        z_translation_um=np.concatenate(columns["z"]),
-        # The geometry the plan read when it ran, as its start document records it.
-        pixel_size_um=float(parameters["detector_pixel_size_um"]),
-        distance_mm=float(parameters["detector_distance_mm"]),
-        energy_keV=float(parameters["detector_energy_keV"]),
-        count_time_s=float(parameters["exposure_s"]),
-        sample_name=start["identification"]["sample_name"],
-        title=f"{start['identification']['sample_name']} tomography ({start['uid']})",
-        metadata={k: start.get(k, {}) for k in ("identification", "references", "settings")} | {"run_uid": start["uid"]},
-    )
+    return write_nxtomo_from_documents(path, run.documents(), link_frames=True)
 
 
 class StorageSpaceError(ValueError):
@@ -143,15 +118,15 @@ class StorageSpaceError(ValueError):
 def chain_bytes_by_site(parameters: TomoScanRequest, *, frame_shape_px: tuple[int, int], itemsize: int) -> dict[str, int]:
     """Bytes the correlative chain writes on each site's storage for one scan.
 
-    beamline: the detector frames and the NXtomo export (a copy of them); compute: both again
-    (the verified transfer) and the float32 volume (twice as wide for an offset-centre scan);
-    microscope: the shipped volume.
+    beamline: the detector frames (the NXtomo export links them: a few kB of geometry beside them);
+    compute: the frames again (the verified transfer) and the float32 volume (twice as wide for an
+    offset-centre scan); microscope: the shipped volume.
     """
     rows, cols = frame_shape_px
     frames = parameters.n_frames * rows * cols * itemsize
     width = 2 * cols if parameters.axis_offset_um else cols
     volume = rows * width * width * 4
-    return {"beamline": 2 * frames, "compute": 2 * frames + volume, "microscope": volume}
+    return {"beamline": frames, "compute": frames + volume, "microscope": volume}
 
 
 def check_chain_space(settings: Settings, needed_by_site: dict[str, int]) -> None:
@@ -213,7 +188,7 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomoScanReque
             protections=settings.beamline.protections,
         )
         uid = run.metadata["start"]["uid"]
-        nexus = export_nxtomo(run, beamline, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
+        nexus = export_nxtomo(run, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
         # A resumed run's re-taken frames are catalogued through a view of the detector file:
         # both files travel.
         files = (*with_view_sources(external_file_paths(run)), nexus)

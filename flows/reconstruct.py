@@ -152,7 +152,10 @@ def manifest_sha256(manifest_path: Path, file: Path) -> str:
     import json
 
     manifest = json.loads(Path(manifest_path).read_text())
-    relative = Path(file).resolve().relative_to(Path(manifest_path).parent.resolve()).as_posix()
+    try:
+        relative = Path(file).resolve().relative_to(Path(manifest_path).parent.resolve()).as_posix()
+    except ValueError:
+        raise InputMismatchError(f"{file}: outside the transferred run of the manifest {manifest_path}") from None
     for entry in manifest["files"]:
         if entry["relative_path"] == relative:
             return str(entry["sha256"])
@@ -174,14 +177,19 @@ def reconstruction_stage(
     nxtomo = transfer.nxtomo.local_path(settings)
     expected_sha256 = manifest_sha256(transfer.manifest.local_path(settings), nxtomo)
     product = reconstruct_on_dask(sample, nxtomo, output, run_uid, request.reconstruction, settings.compute)
-    # The input was hashed while it was read: a file changed since its verified transfer gives a
-    # volume of the wrong data, which is never kept nor catalogued.
-    if product.input_sha256 != expected_sha256:
-        product.path.unlink(missing_ok=True)
-        raise InputMismatchError(
-            f"{nxtomo}: sha256 {product.input_sha256} differs from the transfer manifest's {expected_sha256}: "
-            f"the file changed after its verified transfer; the volume was discarded (transfer it again)"
-        )
+    # The input (and the detector files its frames are linked from) was hashed while it was read:
+    # a file changed since its verified transfer gives a volume of the wrong data, which is never
+    # kept nor catalogued.
+    manifest = transfer.manifest.local_path(settings)
+    read = {str(nxtomo): product.input_sha256, **product.linked_sha256}
+    for file, sha256 in read.items():
+        expected = expected_sha256 if file == str(nxtomo) else manifest_sha256(manifest, Path(file))
+        if sha256 != expected:
+            product.path.unlink(missing_ok=True)
+            raise InputMismatchError(
+                f"{file}: sha256 {sha256} differs from the transfer manifest's {expected}: "
+                f"the file changed after its verified transfer; the volume was discarded (transfer it again)"
+            )
     key = product_key(run_uid, "volume")
     provenance = read_provenance(product.path)
     with open_catalog(settings) as catalog:

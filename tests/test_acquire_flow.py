@@ -46,22 +46,22 @@ def test_the_tomography_request_fields_are_the_plan_keywords():
         assert {name: keywords[name].default for name in model.model_fields} == model().model_dump()
 
 
-def test_the_chain_space_counts_frames_nxtomo_transfer_and_volume_on_each_storage():
+def test_the_chain_space_counts_frames_transfer_and_volume_on_each_storage_and_the_nxtomo_as_links():
     from corrflow.flows.acquire import chain_bytes_by_site
 
     scan = TomoScanRequest(num_projections=100, exposure_s=0.01, num_darks=5, num_flats=5)
     frames = 110 * 32 * 128 * 2
     assert chain_bytes_by_site(scan, frame_shape_px=(32, 128), itemsize=2) == {
-        "beamline": 2 * frames, "compute": 2 * frames + 32 * 128 * 128 * 4, "microscope": 32 * 128 * 128 * 4,
+        "beamline": frames, "compute": frames + 32 * 128 * 128 * 4, "microscope": 32 * 128 * 128 * 4,
     }
     wide = scan.model_copy(update={"rotation_range_deg": 360.0, "axis_offset_um": 160.0})
     assert chain_bytes_by_site(wide, frame_shape_px=(32, 128), itemsize=2)["microscope"] == 32 * 256 * 256 * 4
 
 
+@pytest.mark.fault("disk full")
 def test_a_scan_whose_chain_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """The file system is made to look nearly full (the free-space figure is patched: a real full disk
-    cannot be made here without root): the frames alone would fit, their NXtomo copy, transfer and
-    volume would not."""
+    cannot be made here without root): the frames alone would fit, their transfer and volume would not."""
     import corrflow.plans.preflight as preflight
     from corrflow.flows.acquire import StorageSpaceError, chain_bytes_by_site
 
@@ -69,8 +69,8 @@ def test_a_scan_whose_chain_would_not_fit_is_refused_before_anything_is_written(
     settings.ensure_directories()
     scan = TomoScanRequest(num_projections=20, exposure_s=0.01, num_darks=1, num_flats=1)
     needed = chain_bytes_by_site(scan, frame_shape_px=(32, 128), itemsize=2)
-    frames_only = needed["beamline"] // 2
-    fake_free = preflight.DISK_RESERVE_BYTES + 2 * frames_only  # room for the frames, not for the chain
+    frames_only = needed["beamline"]
+    fake_free = preflight.DISK_RESERVE_BYTES + frames_only + 1  # room for the frames, not for the chain
     monkeypatch.setattr(preflight, "free_bytes", lambda path: (fake_free, tmp_path))
     with pytest.raises(StorageSpaceError, match="beamline \\+ compute \\+ microscope storage"):
         run_tomography(settings, DEFAULT_SAMPLE, scan)

@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -79,7 +79,7 @@ from corrflow.processing.sinogram360 import (
     sinogram_360_to_180,
 )
 from corrflow.formats.checksums import sha256_file
-from corrflow.formats.nexus import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION
+from corrflow.formats.nexus import IMAGE_KEY_DARK, IMAGE_KEY_FLAT, IMAGE_KEY_PROJECTION, linked_files
 HASH_CHUNK_BYTES = 1 << 20  # hashing the input is I/O bound: a small buffer costs no speed
 # The Paganin kernel decays as exp(-r / L) (L the Paganin length); its weight beyond 16 L, exp(-16) / 2,
 # is at float32 resolution, so surroundings of 16 L make a row's filtered value independent of what
@@ -110,6 +110,8 @@ class VolumeProduct:
     seconds: float
     acquisition: str = "180"  # "180", "360" (centred) or "360-half" (offset centre, widened field)
     resolution_um: float | None = None
+    # The files the input links its frames from (a virtual dataset), absolute path -> sha256 as read.
+    linked_sha256: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -342,12 +344,15 @@ def _nominal_axis_offset_um(raw: h5py.File) -> tuple[float | None, bool]:
 
 
 @contextmanager
-def _sha256_in_background(path: Path) -> Iterator[Future[str]]:
-    """The file's sha256, computed on a thread beside the reconstruction: for a large scan that is
-    seconds of reading no slab needs to wait for. On an error the caller does not wait for it."""
+def _sha256_in_background(path: Path, linked: list[Path]) -> Iterator[tuple[Future[str], Future[dict[str, str]]]]:
+    """The file's sha256 and those of the files it links its frames from, computed on a thread beside
+    the reconstruction: for a large scan that is seconds of reading no slab needs to wait for. On an
+    error the caller does not wait for them."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corrflow-input-sha256")
     try:
-        yield executor.submit(sha256_file, path, chunk_bytes=HASH_CHUNK_BYTES)
+        own = executor.submit(sha256_file, path, chunk_bytes=HASH_CHUNK_BYTES)
+        sources = executor.submit(lambda: {str(p): sha256_file(p, chunk_bytes=HASH_CHUNK_BYTES) for p in linked})
+        yield own, sources
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
 
@@ -544,7 +549,11 @@ def reconstruct_nxtomo(
     if output_path.exists():
         raise FileExistsError(f"{output_path} exists: a reconstruction is never overwritten")
     start = time.perf_counter()
-    with _sha256_in_background(nxtomo_path) as input_sha256, h5py.File(nxtomo_path, "r") as raw:
+    linked = linked_files(nxtomo_path)
+    missing = [str(p) for p in linked if not p.is_file()]
+    if missing:  # HDF5 would read the frames of a missing file as zeros
+        raise VolumeInputError(f"{nxtomo_path}: its frames are linked from files that are not there: {missing}")
+    with _sha256_in_background(nxtomo_path, linked) as (input_sha256, linked_sha256), h5py.File(nxtomo_path, "r") as raw:
         try:
             data = raw["/entry/instrument/detector/data"]
             image_key = np.asarray(raw["/entry/instrument/detector/image_key"][()])
@@ -668,6 +677,7 @@ def reconstruct_nxtomo(
                 record=lambda: {
                     "input_file": str(nxtomo_path),
                     "input_sha256": input_sha256.result(),
+                    "linked_input_sha256": linked_sha256.result(),
                     "parameters": {
                         "filter_name": filter_name,
                         "center_px": center_px,
@@ -702,6 +712,7 @@ def reconstruct_nxtomo(
         seconds=time.perf_counter() - start,
         acquisition=acquisition,
         resolution_um=(resolution_block or {}).get("resolution_um"),
+        linked_sha256=linked_sha256.result(),
     )
 
 

@@ -7,7 +7,8 @@ Layout written by :func:`write_nxtomo` (the NXtomo application definition plus c
         source                  NXsource  type, name, probe="x-ray"
         monochromator           NXmonochromator  energy (keV)
         detector                NXdetector
-          data                  (n, rows, cols) uint16, counts, one frame per chunk
+          data                  (n, rows, cols) uint16, counts: one frame per chunk, or a virtual
+                                dataset of the frames in the detector files beside it
           image_key             (n,) int8: 0 projection, 1 flat, 2 dark, 3 invalid
           x_pixel_size, y_pixel_size   (um)
           distance              (mm)
@@ -24,7 +25,11 @@ Layout written by :func:`write_nxtomo` (the NXtomo application definition plus c
       corrflow_metadata         NXcollection  identification, references, settings (JSON strings)
 
 Files are written under a temporary name and linked into place atomically; an existing file is
-never replaced. :func:`read_nxtomo` checks the structure and consistency and names the dataset
+never replaced. Given :class:`LinkedFrames` instead of an array, ``data`` is an HDF5 virtual dataset
+that maps the frames where the detector wrote them (paths relative to the NXtomo file, so the file
+and its detector files move together): the scan is stored once. :func:`linked_files` lists the
+files a linked NXtomo needs, and :func:`read_nxtomo` refuses one whose frames are not all there
+(HDF5 would read a missing source as zeros). :func:`read_nxtomo` checks the structure and consistency and names the dataset
 at fault. :func:`write_nxtomo_from_documents` converts the documents (and HDF5 frames) of a
 ``tomo_scan`` run.
 """
@@ -49,9 +54,12 @@ __all__ = [
     "IMAGE_KEY_FLAT",
     "IMAGE_KEY_INVALID",
     "IMAGE_KEY_PROJECTION",
+    "LinkedFrames",
     "METADATA_GROUPS",
     "NXtomoData",
     "NXtomoError",
+    "linked_files",
+    "missing_linked_files",
     "nxtomo_inputs_from_documents",
     "read_nxtomo",
     "write_nxtomo",
@@ -71,6 +79,94 @@ _SAMPLE = "/entry/sample"
 
 class NXtomoError(ValueError):
     """An NXtomo file is missing a required item or is inconsistent; the message names the dataset."""
+
+
+@dataclass(frozen=True)
+class LinkedFrames:
+    """Frames that stay in the files the detector wrote: one ``(file, dataset, index)`` per frame, in order.
+
+    Attributes
+    ----------
+    sources
+        Per frame: the HDF5 file (absolute path), the dataset in it, the frame's index on axis 0.
+    frame_shape
+        ``(rows, cols)`` of every frame.
+    dtype
+        The frames' type (uint16 counts).
+    """
+
+    sources: tuple[tuple[Path, str, int], ...]
+    frame_shape: tuple[int, int]
+    dtype: np.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.sources), *self.frame_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def read(self) -> NDArray[np.uint16]:
+        """The frames as one array (reads every frame)."""
+        out = np.empty(self.shape, dtype=self.dtype)
+        handles: dict[Path, h5py.File] = {}
+        try:
+            for k, (path, dataset, index) in enumerate(self.sources):
+                if path not in handles:
+                    handles[path] = h5py.File(path, "r", swmr=True)
+                out[k] = handles[path][dataset][index]
+        finally:
+            for handle in handles.values():
+                handle.close()
+        return out
+
+
+def _virtual_layout(frames: LinkedFrames, *, directory: Path) -> h5py.VirtualLayout:
+    """The layout of ``frames`` for a file in ``directory``: sources named relative to it, one
+    mapping per frame (nexusformat takes a virtual dataset's length from its number of mappings;
+    the benchmark ``acquisition`` measures what a slab read pays for it)."""
+    layout = h5py.VirtualLayout(shape=frames.shape, dtype=frames.dtype)
+    shapes: dict[tuple[Path, str], tuple[int, ...]] = {}
+    for path, dataset, _ in frames.sources:
+        if (path, dataset) not in shapes:
+            with h5py.File(path, "r", swmr=True) as f:
+                shapes[(path, dataset)] = f[dataset].shape
+    sources = {
+        key: h5py.VirtualSource(os.path.relpath(key[0], directory), key[1], shape=shape, dtype=frames.dtype)
+        for key, shape in shapes.items()
+    }
+    for k, (path, dataset, index) in enumerate(frames.sources):
+        if index >= shapes[(path, dataset)][0]:
+            raise ValueError(f"{path}:{dataset} holds {shapes[(path, dataset)][0]} frames; frame {index} was linked")
+        layout[k] = sources[(path, dataset)][index]
+    return layout
+
+
+def linked_files(path: Path | str) -> list[Path]:
+    """The files the frames of an NXtomo file live in besides itself (through views, recursively);
+    ``[]`` for a file that holds its frames."""
+    found: list[Path] = []
+
+    def visit(file: Path, dataset: str) -> None:
+        with h5py.File(file, "r") as f:
+            if dataset not in f or not f[dataset].is_virtual:
+                return
+            mapping = [(s.file_name, s.dset_name) for s in f[dataset].virtual_sources()]
+        for name, source_dataset in dict.fromkeys(mapping):
+            source = file if name == "." else Path(os.path.normpath(file.parent / name))
+            if source != file and source not in found:
+                found.append(source)
+                if source.is_file():
+                    visit(source, source_dataset)
+
+    visit(Path(path), f"{_DETECTOR}/data")
+    return found
+
+
+def missing_linked_files(path: Path | str) -> list[Path]:
+    """The files an NXtomo file links its frames from that are not there."""
+    return [source for source in linked_files(path) if not source.is_file()]
 
 
 @dataclass(frozen=True, eq=False)
@@ -193,7 +289,8 @@ def write_nxtomo(
     path
         File to create (``.nxs`` or ``.h5``); must not exist.
     data
-        Frames, shape ``(n, rows, cols)``, uint16 counts.
+        Frames, shape ``(n, rows, cols)``, uint16 counts; or :class:`LinkedFrames`, which are mapped
+        as a virtual dataset (no frame is copied; the files must stay beside the NXtomo file).
     image_key
         Shape ``(n,)``: 0 projection, 1 flat, 2 dark, 3 invalid.
     rotation_angle_deg
@@ -237,7 +334,7 @@ def write_nxtomo(
     path = Path(path).absolute()
     if path.exists():
         raise FileExistsError(f"{path} exists; NXtomo files are never overwritten")
-    frames = np.asarray(data)
+    frames = data if isinstance(data, LinkedFrames) else np.asarray(data)
     if frames.ndim != 3:
         raise ValueError(f"data must have shape (n, rows, cols), got {frames.shape}")
     if frames.dtype != np.uint16:
@@ -304,7 +401,11 @@ def write_nxtomo(
 
             detector = _group(instrument, "detector", "NXdetector")
             rows, cols = frames.shape[1:]
-            detector.create_dataset("data", data=frames, chunks=(1, rows, cols)).attrs["units"] = "counts"
+            if isinstance(frames, LinkedFrames):
+                detector.create_virtual_dataset("data", _virtual_layout(frames, directory=path.parent))
+            else:
+                detector.create_dataset("data", data=frames, chunks=(1, rows, cols))
+            detector["data"].attrs["units"] = "counts"
             detector.create_dataset("image_key", data=keys.astype(np.int8))
             _dataset(detector, "x_pixel_size", pixel_size_um, units="um")
             _dataset(detector, "y_pixel_size", pixel_size_um, units="um")
@@ -402,12 +503,16 @@ def read_nxtomo(path: Path | str) -> NXtomoData:
     FileNotFoundError
         ``path`` does not exist.
     NXtomoError
-        A required group or dataset is missing, has the wrong class or units, or the per-frame
-        datasets disagree in length with ``data``; the message names the dataset.
+        A required group or dataset is missing, has the wrong class or units, the per-frame
+        datasets disagree in length with ``data``, or a file its frames are linked from is missing;
+        the message names the dataset.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such NXtomo file: {path}")
+    missing = missing_linked_files(path)
+    if missing:
+        raise NXtomoError(f"{path}: {_DETECTOR}/data links frames from files that are not there: {[str(m) for m in missing]}")
     with h5py.File(path, "r") as f:
         _require(f, "/entry", nx_class="NXentry")
         definition = _text(_require(f, "/entry/definition")[()])
@@ -482,7 +587,9 @@ def read_nxtomo(path: Path | str) -> NXtomoData:
         )
 
 
-def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+def nxtomo_inputs_from_documents(
+    documents: Iterable[tuple[str, Mapping[str, Any]]], *, link_frames: bool = False
+) -> dict[str, Any]:
     """Gather the arguments of :func:`write_nxtomo` from the documents of one ``tomo_scan`` run.
 
     Frames are read from the HDF5 files the ``stream_resource`` documents point to (``file://``
@@ -493,7 +600,11 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
     Parameters
     ----------
     documents
-        ``(name, doc)`` pairs of one run, in emission order (e.g. collected by a RunEngine callback).
+        ``(name, doc)`` pairs of one run, in emission order (e.g. collected by a RunEngine callback,
+        or a catalogued run's ``documents()``).
+    link_frames
+        Give the frames as :class:`LinkedFrames` (where the detector wrote them) instead of
+        reading them into an array.
 
     Returns
     -------
@@ -515,10 +626,10 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
         raise ValueError("the start document has no 'nxtomo' section: not a tomo_scan run")
     stream_of = {doc["uid"]: doc["name"] for name, doc in docs if name == "descriptor"}
     resources = {doc["uid"]: doc for name, doc in docs if name == "stream_resource"}
-    datums: dict[str, list[Mapping[str, Any]]] = {}
+    datums: dict[str, list[tuple[Mapping[str, Any], Mapping[str, Any]]]] = {}
     for name, doc in docs:
         if name == "stream_datum" and resources.get(doc["stream_resource"], {}).get("data_key") == keys["image_data_key"]:
-            datums.setdefault(doc["descriptor"], []).append(doc)
+            datums.setdefault(doc["descriptor"], []).append((doc, resources[doc["stream_resource"]]))
     # A resumed run re-emits the events after its last checkpoint with the same seq_num: keep the last.
     rank = {uid: k for k, uid in enumerate(stream_of)}
     latest: dict[tuple[str, int], Mapping[str, Any]] = {}
@@ -531,10 +642,11 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
         raise ValueError("the run holds no dark, flat or projection events")
 
     open_files: dict[str, h5py.File] = {}
-    frames, columns = [], {k: [] for k in ("image_key", "angle", "x", "y", "z")}
+    frames: list[tuple[Path, str, int]] = []
+    columns: dict[str, list[Any]] = {k: [] for k in ("image_key", "angle", "x", "y", "z")}
     try:
         for event in events:
-            frames.append(_frame_of(event, datums.get(event["descriptor"], []), resources, open_files))
+            frames.append(_frame_of(event, datums.get(event["descriptor"], [])))
             data = event["data"]
             columns["image_key"].append(data[keys["image_key_data_key"]])
             columns["angle"].append(data[keys["rotation_angle_data_key"]])
@@ -542,15 +654,17 @@ def nxtomo_inputs_from_documents(documents: Iterable[tuple[str, Mapping[str, Any
                 columns[axis].append(data[keys[f"{axis}_translation_data_key"]])
         if fly_stream is not None:
             _append_fly_frames(docs, keys, stream_of, resources, open_files, frames, columns)
+        if not frames:
+            raise ValueError("the run holds no frames")
+        first = _dataset_at(frames[0][0], frames[0][1], open_files)
+        linked = LinkedFrames(tuple(frames), frame_shape=tuple(first.shape[1:]), dtype=first.dtype)  # type: ignore[arg-type]
     finally:
         for handle in open_files.values():
             handle.close()
-    if not frames:
-        raise ValueError("the run holds no frames")
     settings = start["settings"]["parameters"]
     identification = start["identification"]
     return dict(
-        data=np.stack(frames),
+        data=linked if link_frames else linked.read(),
         image_key=np.asarray(columns["image_key"]),
         rotation_angle_deg=np.asarray(columns["angle"], dtype=np.float64),
         x_translation_um=np.asarray(columns["x"], dtype=np.float64),
@@ -577,7 +691,7 @@ def _append_fly_frames(
     stream_of: Mapping[str, str],
     resources: Mapping[str, Mapping[str, Any]],
     open_files: dict[str, h5py.File],
-    frames: list[Any],
+    frames: list[tuple[Path, str, int]],
     columns: dict[str, list[Any]],
 ) -> None:
     """Projections of a fly scan: frames and their recorded geometry, announced by stream datums only.
@@ -607,40 +721,45 @@ def _append_fly_frames(
             raise ValueError(f"fly stream frames {seq_range}: no stream_datum for {sorted(missing)}")
         values = {column: _dataset_of(resources[datum["stream_resource"]], open_files) for column, datum in group.items()}
         start, stop = group["image"]["indices"]["start"], group["image"]["indices"]["stop"]
-        frames.extend(values["image"][start:stop])
+        image = resources[group["image"]["stream_resource"]]
+        frames.extend((_resource_path(image), image["parameters"]["dataset"], index) for index in range(start, stop))
         columns["image_key"].extend([IMAGE_KEY_PROJECTION] * (stop - start))
         for column in ("angle", "x", "y", "z"):
             datum = group[column]
             columns[column].extend(values[column][datum["indices"]["start"] : datum["indices"]["stop"]])
 
 
-def _dataset_of(resource: Mapping[str, Any], open_files: dict[str, h5py.File]) -> h5py.Dataset:
+def _resource_path(resource: Mapping[str, Any]) -> Path:
     uri = resource["uri"]
     if not uri.startswith("file://localhost/"):
         raise ValueError(f"stream resource {resource['uid']}: only file://localhost URIs are readable here, got {uri}")
+    return Path(uri.removeprefix("file://localhost"))
+
+
+def _dataset_at(path: Path, dataset: str, open_files: dict[str, h5py.File]) -> h5py.Dataset:
     # One handle per file (several data keys live in one detector file).
-    if uri not in open_files:
-        open_files[uri] = h5py.File(uri.removeprefix("file://localhost"), "r", swmr=True)
-    return open_files[uri][resource["parameters"]["dataset"]]
+    if str(path) not in open_files:
+        open_files[str(path)] = h5py.File(path, "r", swmr=True)
+    return open_files[str(path)][dataset]
 
 
-def _frame_of(
-    event: Mapping[str, Any],
-    datums: list[Mapping[str, Any]],
-    resources: Mapping[str, Mapping[str, Any]],
-    open_files: dict[str, h5py.File],
-) -> NDArray[np.uint16]:
+def _dataset_of(resource: Mapping[str, Any], open_files: dict[str, h5py.File]) -> h5py.Dataset:
+    return _dataset_at(_resource_path(resource), resource["parameters"]["dataset"], open_files)
+
+
+def _frame_of(event: Mapping[str, Any], datums: list[tuple[Mapping[str, Any], Mapping[str, Any]]]) -> tuple[Path, str, int]:
+    """Where the frame of ``event`` is: (file, dataset, index), from the last datum that covers it."""
     seq_num = event["seq_num"]
-    for datum in reversed(datums):  # the last datum for a re-taken event points at its new frame
+    for datum, resource in reversed(datums):  # the last datum for a re-taken event points at its new frame
         if datum["seq_nums"]["start"] <= seq_num < datum["seq_nums"]["stop"]:
-            resource = resources[datum["stream_resource"]]
             index = datum["indices"]["start"] + seq_num - datum["seq_nums"]["start"]
-            break
-    else:
-        raise ValueError(f"event {event['uid']} (seq_num {seq_num}) has no stream_datum")
-    return _dataset_of(resource, open_files)[index]
+            return _resource_path(resource), resource["parameters"]["dataset"], index
+    raise ValueError(f"event {event['uid']} (seq_num {seq_num}) has no stream_datum")
 
 
-def write_nxtomo_from_documents(path: Path | str, documents: Iterable[tuple[str, Mapping[str, Any]]]) -> Path:
-    """Write the NXtomo file of one ``tomo_scan`` run from its documents (see :func:`nxtomo_inputs_from_documents`)."""
-    return write_nxtomo(path, **nxtomo_inputs_from_documents(documents))
+def write_nxtomo_from_documents(
+    path: Path | str, documents: Iterable[tuple[str, Mapping[str, Any]]], *, link_frames: bool = False
+) -> Path:
+    """Write the NXtomo file of one ``tomo_scan`` run from its documents (see :func:`nxtomo_inputs_from_documents`);
+    with ``link_frames`` its frames stay in the detector files (a virtual dataset)."""
+    return write_nxtomo(path, **nxtomo_inputs_from_documents(documents, link_frames=link_frames))
