@@ -135,7 +135,7 @@ class SharedFacility:
 
     def client(self):
         """Context in which this process's Prefect client talks to the shared server (with auth)."""
-        return prefect_api(self.api_url, self.settings.server.prefect_auth_string)
+        return prefect_api(self.api_url, self.settings.server.prefect_auth_string.get_secret_value())
 
     def ensure_tiled(self) -> None:
         from corrflow.operations.server import start_tiled_server

@@ -84,7 +84,8 @@ def _documents_by_kind(documents):
     return counts
 
 
-def test_a_catalog_killed_mid_scan_and_restarted_loses_no_document(server, monkeypatch):
+@pytest.mark.fault("catalog down")
+def test_a_catalog_killed_mid_scan_and_restarted_loses_no_document(server, monkeypatch, fault_figures):
     settings, state, restart = server
     # Keep a copy of every spool file before the replay removes it: what the writer was given.
     import corrflow.catalog.spool as spool
@@ -128,6 +129,9 @@ def test_a_catalog_killed_mid_scan_and_restarted_loses_no_document(server, monke
     assert images.shape[0] == SCAN.num_projections, "every frame readable through the replayed run"
     assert acquired.nxtomo.local_path(settings).is_file(), "exported from the replayed run"
     assert not spooled_runs(settings.spool_dir), "the replayed spool file is removed"
+    fault_figures["catalog down (s)"] = round(seen["back"] - seen["killed"], 1)
+    fault_figures["events emitted"] = emitted["event"]
+    fault_figures["events stored"] = stored["event"]
     print(
         f"catalog down {seen['back'] - seen['killed']:.1f} s at projection 10 of {SCAN.num_projections}: "
         f"{emitted['event']} events emitted, {stored['event']} stored; "
@@ -135,6 +139,7 @@ def test_a_catalog_killed_mid_scan_and_restarted_loses_no_document(server, monke
     )
 
 
+@pytest.mark.fault("catalog down")
 def test_a_catalog_that_stays_down_fails_the_scan_naming_it_and_the_spool_which_replay_writes_later(server):
     from typer.testing import CliRunner
 
@@ -156,7 +161,7 @@ def test_a_catalog_that_stays_down_fails_the_scan_naming_it_and_the_spool_which_
     restart()
     environment = {"CORRFLOW_DATA_ROOT": str(settings.data_root), "CORRFLOW_CATALOG__URL": settings.catalog.url}
     if settings.catalog.api_key:
-        environment["CORRFLOW_CATALOG__API_KEY"] = settings.catalog.api_key
+        environment["CORRFLOW_CATALOG__API_KEY"] = settings.catalog.api_key.get_secret_value()
     result = CliRunner().invoke(app, ["catalog", "replay"], env=environment)
     assert result.exit_code == 0, result.output
     assert path.stem in result.output

@@ -47,7 +47,9 @@ def _wait_state(flow_run_id, predicate, *, timeout_s, worker):
 def _runs_of_sample(settings, sample):
     from tiled.client import from_uri
 
-    root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+    from corrflow.config.settings import secret_value
+
+    root = from_uri(settings.catalog.url, api_key=secret_value(settings.catalog.api_key))
     try:
         if "runs" not in root:  # created by the first acquisition
             return []
@@ -72,7 +74,8 @@ def _start_long_tomography(sample: str, projections: int):
     ).id
 
 
-def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5_s(facility):
+@pytest.mark.fault("cancel from the dashboard")
+def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5_s(facility, fault_figures):
     from corrflow.acquisition.cancellation import cancel_flow_run
     from corrflow.operations.server import production_settings, start_worker
 
@@ -96,10 +99,12 @@ def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5
     assert run["stop"]["exit_status"] == "abort", run["stop"]
     latency_s = run["stop"]["time"] - requested
     print(f"cancel request -> stop document (exit_status abort): {latency_s:.2f} s")
+    fault_figures["cancel -> stop 'abort' (s)"] = round(latency_s, 2)
     assert latency_s < 5.0, f"stop document {latency_s:.2f} s after the cancel"
 
 
-def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facility):
+@pytest.mark.fault("flow-run process killed with its worker")
+def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facility, fault_figures):
     from corrflow.operations.server import production_settings, start_worker
 
     settings = production_settings(facility.settings)
@@ -121,6 +126,7 @@ def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facili
     crashed = _wait_state(run_id, lambda s: s.is_final(), timeout_s=settings.server.zombie_after_s + 90, worker=worker)
     detected_s = time.monotonic() - killed_at
     print(f"worker killed -> run Crashed: {detected_s:.1f} s (heartbeat {settings.server.heartbeat_s} s, window {settings.server.zombie_after_s} s)")
+    fault_figures["killed -> run Crashed (s)"] = round(detected_s, 1)
     assert crashed.is_crashed(), crashed
     assert detected_s < settings.server.heartbeat_s + settings.server.zombie_after_s + 30
     # Nothing of the killed run went on: no NeXus export, nothing at the compute facility, and its
@@ -177,7 +183,8 @@ def _wait_ended(processes, *, timeout_s):
         time.sleep(0.2)
 
 
-def test_a_flow_run_whose_worker_alone_is_killed_aborts_its_scan_frees_the_slot_and_ends(facility):
+@pytest.mark.fault("worker killed")
+def test_a_flow_run_whose_worker_alone_is_killed_aborts_its_scan_frees_the_slot_and_ends(facility, fault_figures):
     """Only the worker dies (kill -9); its flow-run process, in a session of its own, would carry on
     heartbeating with the instrument's slot held. It sees it has lost its worker and ends itself:
     the scan is aborted with the reason, the slot freed, the run recorded Crashed."""
@@ -214,6 +221,9 @@ def test_a_flow_run_whose_worker_alone_is_killed_aborts_its_scan_frees_the_slot_
     assert f"the worker (pid {worker.process.pid}) that started flow run {run_id} is gone" in run["stop"]["reason"]
     assert _active_slots(limit) == 0, "the instrument slot is still held"
     assert not list(settings.beamline_storage.rglob("orphan-01_*_nxtomo.nxs"))
+    fault_figures["worker killed -> flow-run process ended (s)"] = round(ended_s, 1)
+    fault_figures["slot held after"] = _active_slots(limit)
+    fault_figures["run"] = f"{final.type.value}, stop {run['stop']['exit_status']}"
     print(
         f"worker killed -> flow-run process ended {ended_s:.1f} s later; run {final.type.value}, "
         f"{run['stop']['num_events'].get('primary', 0)} of 6000 projections, stop 'abort', slot free"

@@ -12,7 +12,16 @@ import httpx
 import pytest
 from facility_helpers import SharedFacility
 
-from corrflow.operations.server import prefect_api_url, prefect_server_environment, tiled_key, tiled_server_config, tiled_url
+from corrflow.operations.server import (
+    ServerError,
+    client_environment,
+    prefect_api_url,
+    prefect_server_environment,
+    servers_up,
+    tiled_key,
+    tiled_server_config,
+    tiled_url,
+)
 from corrflow.config.settings import SettingsError, load_settings
 
 
@@ -27,9 +36,10 @@ def _basic(auth_string: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(auth_string.encode()).decode()}
 
 
+@pytest.mark.fault("auth")
 def test_prefect_api_refuses_calls_without_credentials_and_without_csrf_token(facility):
     url = prefect_api_url(facility.settings)
-    auth = _basic(facility.settings.server.prefect_auth_string)
+    auth = _basic(facility.settings.server.prefect_auth_string.get_secret_value())
     assert httpx.get(f"{url}/admin/version").status_code == 401
     assert httpx.get(f"{url}/admin/version", headers=_basic("corrflow:wrong")).status_code == 401
     assert httpx.get(f"{url}/admin/version", headers=auth).status_code == 200
@@ -43,6 +53,7 @@ def test_prefect_api_refuses_calls_without_credentials_and_without_csrf_token(fa
     assert ok.status_code == 200
 
 
+@pytest.mark.fault("auth")
 def test_tiled_requires_a_key_and_enforces_its_scopes(facility):
     base = tiled_url(facility.settings) + "/api/v1"
     reader, writer = tiled_key(facility.settings, "reader"), tiled_key(facility.settings, "writer")
@@ -67,18 +78,62 @@ def test_tiled_requires_a_key_and_enforces_its_scopes(facility):
     assert whoami["type"] == "service"
 
 
+@pytest.mark.fault("auth")
 def test_a_non_loopback_address_turns_auth_on_and_cannot_turn_it_off(tmp_path):
-    with pytest.raises(SettingsError, match="not loopback: set prefect_auth_string, tiled_admin_password"):
+    with pytest.raises(SettingsError, match="not loopback: set prefect_auth_string"):
         load_settings(data_root=tmp_path, server={"host": "192.0.2.10"})
+    # A client (a worker) needs only the Prefect credential; the servers also need the admin password.
+    client = load_settings(data_root=tmp_path, server={"host": "192.0.2.10", "prefect_auth_string": "ops:s3cret"})
+    assert client.server.missing_server_secrets() == ["tiled_admin_password"]
+    with pytest.raises(ServerError, match="server.tiled_admin_password"):
+        with servers_up(client):
+            pass
     with pytest.raises(SettingsError, match="cannot be off"):
         load_settings(data_root=tmp_path, server={"host": "192.0.2.10", "auth": "off"})
     exposed = load_settings(
         data_root=tmp_path, server={"host": "192.0.2.10", "prefect_auth_string": "ops:s3cret", "tiled_admin_password": "pw"}
     )
-    assert exposed.server.auth_enabled
+    assert exposed.server.auth_enabled and exposed.server.missing_server_secrets() == []
     env = prefect_server_environment(exposed)
     assert env["PREFECT_SERVER_API_AUTH_STRING"] == "ops:s3cret" and env["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
     config = tiled_server_config(exposed)
     assert config["authentication"]["allow_anonymous_access"] is False and "single_user_api_key" not in config["authentication"]
     loopback = load_settings(data_root=tmp_path)
     assert not loopback.server.auth_enabled and "PREFECT_SERVER_API_AUTH_STRING" not in prefect_server_environment(loopback)
+
+
+@pytest.mark.fault("auth")
+def test_a_worker_gets_its_scoped_credentials_and_never_the_admin_password(facility):
+    """The settings file every worker and flow run reads: the Prefect credential and the Tiled writer
+    key, no Tiled admin password; the writer key cannot log in as the admin nor issue keys."""
+    import yaml
+
+    from corrflow.config.settings import CONFIG_ENV_VAR
+
+    settings = facility.settings
+    admin_password = settings.server.tiled_admin_password.get_secret_value()
+    env = client_environment(settings)
+    text = open(env[CONFIG_ENV_VAR]).read()
+    assert admin_password not in text and "tiled_admin_password" not in text
+    written = yaml.safe_load(text)
+    writer = tiled_key(settings, "writer")
+    assert written["catalog"]["api_key"] == writer
+    assert env["PREFECT_API_AUTH_STRING"] == settings.server.prefect_auth_string.get_secret_value()
+    worker_settings = load_settings(config_file=env[CONFIG_ENV_VAR])
+    assert worker_settings.server.tiled_admin_password is None
+    base = tiled_url(settings).rstrip("/") + "/api/v1"
+    as_writer = {"Authorization": f"Apikey {writer}"}
+    assert httpx.get(f"{base}/auth/whoami", headers=as_writer).json()["type"] == "service"
+    assert httpx.post(f"{base}/auth/apikey", json={"scopes": ["admin:apikeys"]}, headers=as_writer).status_code in (401, 403)
+
+
+def test_secrets_are_secret_types_never_printed(tmp_path):
+    settings = load_settings(
+        data_root=tmp_path,
+        server={"host": "192.0.2.10", "prefect_auth_string": "ops:s3cret-auth", "tiled_admin_password": "s3cret-admin"},
+        catalog={"api_key": "s3cret-key"},
+    )
+    shown = repr(settings) + str(settings.model_dump()) + settings.model_dump_json()
+    for secret in ("s3cret-auth", "s3cret-admin", "s3cret-key"):
+        assert secret not in shown
+    assert settings.catalog.api_key.get_secret_value() == "s3cret-key"

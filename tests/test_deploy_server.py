@@ -15,6 +15,8 @@ import pytest
 import yaml
 from facility_helpers import drop_test_databases, production_test_settings
 
+from corrflow.config.settings import settings_document
+
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +28,7 @@ def _cli(command: str) -> list[str]:
 def test_server_up_serves_prefect_and_tiled_on_new_postgresql_databases_then_deploy_is_idempotent(tmp_path):
     settings = production_test_settings(tmp_path / "data", auth="auto")
     config = tmp_path / "corrflow.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    config.write_text(yaml.safe_dump(settings_document(settings)))  # secrets included (model_dump masks them)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRFLOW_", "PREFECT_"))} | {"CORRFLOW_CONFIG": str(config)}
     up = subprocess.Popen([*_cli("server"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corrflow.config.settings import Settings
+from corrflow.config.settings import Settings, secret_value
 
 if TYPE_CHECKING:  # imported lazily: tiled's server stack costs seconds to import
     from tiled.client.container import Container
@@ -142,7 +142,7 @@ def open_catalog(settings: Settings) -> Iterator[Catalog]:
         from corrflow.catalog.spool import CatalogUnavailableError
 
         try:
-            root = from_uri(settings.catalog.url, api_key=settings.catalog.api_key)
+            root = from_uri(settings.catalog.url, api_key=secret_value(settings.catalog.api_key))
         except httpx.TransportError as exc:
             raise CatalogUnavailableError(
                 f"the catalog at {settings.catalog_address} does not answer ({type(exc).__name__}: {exc}); nothing was acquired"

@@ -25,7 +25,7 @@ def up(
     """Start the Prefect server (and the Tiled server) on PostgreSQL; stop them on Ctrl-C / SIGTERM."""
     settings = load(config, data_root)
     settings.ensure_directories()
-    from corrflow.operations.server import ServerError, prefect_api_url, server_dir, servers_up, start_worker, tiled_url, write_settings_file, production_settings
+    from corrflow.operations.server import ServerError, client_settings, prefect_api_url, server_dir, servers_up, start_worker, tiled_url, write_settings_file
 
     stop = {"now": False}
 
@@ -36,7 +36,7 @@ def up(
     signal.signal(signal.SIGINT, _stop)
     try:
         with servers_up(settings, tiled=tiled) as started:
-            settings_file = write_settings_file(production_settings(settings))
+            settings_file = write_settings_file(client_settings(settings))
             site_workers = [start_worker(settings, site) for site in SITES] if workers else []
             console.print(f"Prefect API  {prefect_api_url(settings)}  (dashboard: {prefect_api_url(settings).removesuffix('/api')})")
             if tiled:

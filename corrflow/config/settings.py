@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
@@ -73,7 +73,7 @@ class CatalogSettings(_Section):
         None, description="Catalog database for the in-process catalog; default sqlite under <data_root>/catalog"
     )
     url: str | None = Field(None, description="URL of a running Tiled server; if set, the in-process catalog is not used")
-    api_key: str | None = Field(None, description="Tiled API key used with `url`")
+    api_key: SecretStr | None = Field(None, description="Tiled API key used with `url` (a secret: never printed)")
     batch_size: int = Field(100, ge=1, description="TiledWriter event batch size (1 costs ~33 ms/event, 100 ~2 ms)")
     outage_wait_s: float = Field(
         300.0,
@@ -281,13 +281,13 @@ class ServerSettings(_Section):
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="Authentication of both servers: auto = on exactly when host is not loopback"
     )
-    prefect_auth_string: str | None = Field(
-        None, description="Prefect server basic auth 'user:password'; required when auth is on"
+    prefect_auth_string: SecretStr | None = Field(
+        None, description="Prefect server basic auth 'user:password'; required when auth is on (a secret)"
     )
-    tiled_admin_password: str | None = Field(
+    tiled_admin_password: SecretStr | None = Field(
         None,
-        description="Password of Tiled's 'corrflow-admin' account, used only to issue the scoped API keys; "
-        "required when auth is on",
+        description="Password of Tiled's 'corrflow-admin' account, used only by `corrflow server up` to issue "
+        "the scoped API keys; required there when auth is on, never given to a worker (a secret)",
     )
     worker_query_seconds: float = Field(
         2.0, gt=0, description="PREFECT_WORKER_QUERY_SECONDS for workers: trigger-to-run latency"
@@ -321,14 +321,20 @@ class ServerSettings(_Section):
     def _auth_when_exposed(self) -> ServerSettings:
         if self.auth == "off" and not self.is_loopback:
             raise ValueError(f"auth cannot be off when host {self.host!r} is not loopback")
-        if self.auth_enabled:
-            missing = [n for n in ("prefect_auth_string", "tiled_admin_password") if not getattr(self, n)]
-            if missing:
-                reason = "auth is on" if self.is_loopback else f"host {self.host!r} is not loopback"
-                raise ValueError(f"{reason}: set {', '.join(missing)}")
-        if self.prefect_auth_string is not None and ":" not in self.prefect_auth_string:
+        # Every client of an authenticated Prefect server needs its credential; the Tiled admin
+        # password only the process that issues the keys (checked there: missing_server_secrets).
+        if self.auth_enabled and not secret_value(self.prefect_auth_string):
+            reason = "auth is on" if self.is_loopback else f"host {self.host!r} is not loopback"
+            raise ValueError(f"{reason}: set prefect_auth_string")
+        if self.prefect_auth_string is not None and ":" not in secret_value(self.prefect_auth_string):
             raise ValueError("prefect_auth_string must be 'user:password'")
         return self
+
+    def missing_server_secrets(self) -> list[str]:
+        """The secrets the servers themselves need that these settings lack (``corrflow server up``)."""
+        if not self.auth_enabled:
+            return []
+        return [name for name in ("prefect_auth_string", "tiled_admin_password") if not secret_value(getattr(self, name))]
 
     def database_url(self, database: str) -> str:
         return f"{self.postgres_url}/{database}"
@@ -528,6 +534,26 @@ _SECRET_WORDS = ("password", "secret", "token", "api_key", "credential", "auth")
 
 def _dotted(variable: str) -> str:
     return ".".join(variable.removeprefix(ENV_PREFIX).lower().split("__"))
+
+
+def secret_value(value: SecretStr | str | None) -> str | None:
+    """The text of a secret setting (a ``SecretStr``, or a plain string put in by ``model_copy``)."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def settings_document(settings: BaseModel) -> dict[str, Any]:
+    """``settings`` as plain JSON values with the secrets' real text: for a 0600 settings file that
+    a process validates again (``model_dump`` writes a secret as ``**********``)."""
+
+    def reveal(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+        for name, value in model:
+            if isinstance(value, SecretStr):
+                data[name] = value.get_secret_value()
+            elif isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+                reveal(value, data[name])
+        return data
+
+    return reveal(settings, settings.model_dump(mode="json", exclude_none=True))
 
 
 def _looks_secret(name: str) -> bool:

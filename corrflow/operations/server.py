@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -34,9 +35,10 @@ from typing import Any
 
 import httpx
 import yaml
+from pydantic import SecretStr
 
 from corrflow.catalog.tiled import catalog_config
-from corrflow.config.settings import CONFIG_ENV_VAR, ENV_PREFIX, CatalogSettings, Settings, Site
+from corrflow.config.settings import CONFIG_ENV_VAR, ENV_PREFIX, CatalogSettings, Settings, Site, secret_value, settings_document
 
 
 class ServerError(RuntimeError):
@@ -191,7 +193,7 @@ def provision_tiled_keys(settings: Settings) -> dict[str, str]:
             if admin_token is None:
                 login = http.post(
                     f"{base}/auth/provider/local/token",
-                    data={"username": TILED_ADMIN, "password": settings.server.tiled_admin_password},
+                    data={"username": TILED_ADMIN, "password": secret_value(settings.server.tiled_admin_password)},
                 )
                 if login.status_code != 200:
                     raise ServerError(f"Tiled admin login failed ({login.status_code}): {login.text[:200]}")
@@ -220,7 +222,7 @@ def production_settings(settings: Settings) -> Settings:
     """The settings every production process uses: Prefect API and Tiled URL/key filled in."""
     catalog_update: dict[str, Any] = {"url": tiled_url(settings)}
     if not settings.catalog.api_key:
-        catalog_update["api_key"] = tiled_key(settings, "writer")
+        catalog_update["api_key"] = SecretStr(tiled_key(settings, "writer"))
     return settings.model_copy(
         update={
             "prefect": settings.prefect.model_copy(update={"api_url": prefect_api_url(settings)}),
@@ -249,7 +251,7 @@ def tiled_server_config(settings: Settings) -> dict[str, Any]:
                 {
                     "provider": "local",
                     "authenticator": "tiled.authenticators:DictionaryAuthenticator",
-                    "args": {"users_to_passwords": {TILED_ADMIN: server.tiled_admin_password}},
+                    "args": {"users_to_passwords": {TILED_ADMIN: secret_value(server.tiled_admin_password)}},
                 }
             ],
             "tiled_admins": [{"provider": "local", "id": TILED_ADMIN}],
@@ -274,39 +276,55 @@ def prefect_server_environment(settings: Settings) -> dict[str, str]:
         "PREFECT_UI_API_URL": prefect_api_url(settings),
     }
     if server.prefect_auth_string:
-        env["PREFECT_SERVER_API_AUTH_STRING"] = server.prefect_auth_string
+        env["PREFECT_SERVER_API_AUTH_STRING"] = secret_value(server.prefect_auth_string)
     if server.auth_enabled:
         env["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] = "true"
     return env
 
 
+def client_settings(settings: Settings) -> Settings:
+    """What a worker, a flow run or the CLI gets: the production settings without the servers' own
+    secrets (the Tiled admin password, a PostgreSQL password of the servers' databases).
+
+    A client keeps the Prefect credential (Prefect's server has one basic-auth credential for every
+    client) and the Tiled writer key (read, write, create, register; it cannot issue keys or log
+    in as the admin).
+    """
+    prod = production_settings(settings)
+    server = prod.server.model_copy(
+        update={"tiled_admin_password": None, "postgres_url": re.sub(r"(://[^/:@]+):[^@/]*@", r"\1@", prod.server.postgres_url)}
+    )
+    return prod.model_copy(update={"server": server})
+
+
 def client_environment(settings: Settings) -> dict[str, str]:
     """Environment of any process that talks to the production servers (workers, the CLI, flows)."""
-    prod = production_settings(settings)
     env = {
         "PREFECT_API_URL": prefect_api_url(settings),
         "PREFECT_HOME": str(settings.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": str(settings.server.worker_query_seconds),
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.server.heartbeat_s),
-        CONFIG_ENV_VAR: str(write_settings_file(prod)),
+        CONFIG_ENV_VAR: str(write_settings_file(client_settings(settings))),
     }
     if settings.server.prefect_auth_string:
-        env["PREFECT_API_AUTH_STRING"] = settings.server.prefect_auth_string
+        env["PREFECT_API_AUTH_STRING"] = secret_value(settings.server.prefect_auth_string)
     if settings.server.auth_enabled:
         env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "true"
     return env
 
 
 def write_settings_file(settings: Settings) -> Path:
-    """Write the complete effective settings as YAML (0600: it may hold keys); returns its path.
+    """Write the settings a client validates as YAML (0600: it holds a key); returns its path.
 
     Workers and their flow runs read this one file (``CORRFLOW_CONFIG``), so every process of a
-    deployment validates the same settings.
+    deployment validates the same settings. Give it :func:`client_settings`, never the servers' own.
     """
+    if secret_value(settings.server.tiled_admin_password):
+        raise ServerError("refusing to write the Tiled admin password into a client settings file (use client_settings)")
     path = server_dir(settings) / "corrflow-production.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = settings.model_dump(mode="json", exclude_none=True)
+    data = settings_document(settings)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -403,7 +421,7 @@ def start_prefect_server(settings: Settings, *, timeout_s: float = 90.0) -> Mana
     if server.prefect_auth_string:
         import base64
 
-        headers["Authorization"] = "Basic " + base64.b64encode(server.prefect_auth_string.encode()).decode()
+        headers["Authorization"] = "Basic " + base64.b64encode(secret_value(server.prefect_auth_string).encode()).decode()
     try:
         wait_until_healthy(proc, prefect_api_url(settings) + "/health", timeout_s=timeout_s, headers=headers)
     except BaseException:
@@ -414,6 +432,8 @@ def start_prefect_server(settings: Settings, *, timeout_s: float = 90.0) -> Mana
 
 def start_tiled_server(settings: Settings, *, timeout_s: float = 90.0) -> ManagedProcess:
     server = settings.server
+    if server.auth_enabled and not secret_value(server.tiled_admin_password):
+        raise ServerError("auth is on: the Tiled server needs server.tiled_admin_password (to issue the scoped keys)")
     for database in (server.catalog_database, server.catalog_database + "_tables"):
         _ensure_server_database(settings, database)
     if server.auth_enabled:
@@ -460,6 +480,9 @@ def ensure_queue_database(settings: Settings) -> bool:
 def servers_up(settings: Settings, *, tiled: bool = True) -> Iterator[dict[str, ManagedProcess]]:
     """Start the Prefect (and Tiled) servers; stop them on exit, whatever happened."""
     started: dict[str, ManagedProcess] = {}
+    missing = settings.server.missing_server_secrets()
+    if missing:
+        raise ServerError(f"auth is on: the servers need {', '.join(f'server.{name}' for name in missing)}")
     ensure_queue_database(settings)
     try:
         started["prefect"] = start_prefect_server(settings)
@@ -479,7 +502,7 @@ def prefect_client(settings: Settings) -> Iterator[None]:
 
     updates: dict[Any, Any] = {ps.PREFECT_API_URL: prefect_api_url(settings)}
     if settings.server.prefect_auth_string:
-        updates[ps.PREFECT_API_AUTH_STRING] = settings.server.prefect_auth_string
+        updates[ps.PREFECT_API_AUTH_STRING] = secret_value(settings.server.prefect_auth_string)
     if settings.server.auth_enabled:
         updates[ps.PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = True
     with ps.temporary_settings(updates=updates):
