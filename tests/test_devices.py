@@ -267,6 +267,7 @@ def test_unstaging_during_an_exposure_keeps_the_frame(beamline):
         assert f[DATASET_PATH].shape[0] == 1
 
 
+@pytest.mark.fault("no overwrite")
 def test_frame_writer_never_overwrites(tmp_path):
     path = tmp_path / "frames.h5"
     path.write_bytes(b"precious")

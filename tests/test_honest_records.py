@@ -82,6 +82,7 @@ def catalogued(tmp_path):
         yield settings, catalog
 
 
+@pytest.mark.fault("stopped scan recorded as success")
 def test_a_stopped_scan_is_catalogued_failed_by_the_production_run_engine(catalogued):
     """An operator pauses the scan at projection 3 of 8 and stops it: bluesky says 'success'."""
     settings, catalog = catalogued

@@ -103,6 +103,7 @@ def test_round_trip_keeps_data_geometry_and_metadata(tmp_path):
     np.testing.assert_allclose(scan.projection_angles_deg, np.linspace(0.0, 180.0, 8, endpoint=False))
 
 
+@pytest.mark.fault("no overwrite")
 def test_refuses_to_overwrite_and_leaves_no_partial_files(tmp_path):
     path = tmp_path / "scan.nxs"
     write_nxtomo(path, **_scan_arrays())
@@ -170,6 +171,7 @@ def _corrupt(path, edit):
         (lambda f: f["/entry/sample/x_translation"].__setitem__(3, np.inf), "/entry/sample/x_translation"),
     ],
 )
+@pytest.mark.fault("bad raw data")
 def test_read_checks_name_the_faulty_dataset(tmp_path, edit, dataset):
     path = write_nxtomo(tmp_path / "scan.nxs", **_scan_arrays())
     _corrupt(path, edit)

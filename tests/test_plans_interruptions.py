@@ -45,6 +45,7 @@ def _paused_scan(beamline):
     return RE, docs
 
 
+@pytest.mark.fault("pause/resume/stop/abort/halt")
 def test_pause_then_resume_keeps_one_event_per_seq_num(beamline):
     RE, docs = _paused_scan(beamline)
     RE.resume()
@@ -55,6 +56,7 @@ def test_pause_then_resume_keeps_one_event_per_seq_num(beamline):
 
 
 @pytest.mark.parametrize(("action", "status"), [("stop", "success"), ("abort", "abort"), ("halt", "abort")])
+@pytest.mark.fault("pause/resume/stop/abort/halt")
 def test_stop_abort_and_halt_of_a_paused_scan_say_so_in_the_stop_document(beamline, action, status):
     RE, docs = _paused_scan(beamline)
     getattr(RE, action)()

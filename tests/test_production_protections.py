@@ -77,8 +77,14 @@ def _projections_all_lit(settings, result) -> np.ndarray:
     return signal
 
 
+def _interruptions(run) -> list[tuple[float, str]]:
+    stream = {doc["uid"] for name, doc in run.documents() if name == "descriptor" and doc["name"] == "interruptions"}
+    return [(doc["time"], str(doc["data"]["interruption"])) for name, doc in run.documents() if name == "event" and doc["descriptor"] in stream]
+
+
 @pytest.mark.slow  # the beam stays off for 3 s by design
-def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_without_beam(settings, sim_facility):
+@pytest.mark.fault("beam dump")
+def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_without_beam(settings, sim_facility, fault_figures):
     watcher = build_beamline(settings)  # its own Channel Access view, to see when the scan is a third done
     fired = {}
 
@@ -87,6 +93,7 @@ def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_w
         while time.monotonic() < deadline and watcher.stage.rotation.position < 60.0:
             time.sleep(0.01)
         fired["time"] = time.time()
+        fired["back"] = _beam_back_after(sim_facility, above_mA=190.0)
         _dump_beam(sim_facility, 3.0)
 
     threading.Thread(target=dump_at_a_third, daemon=True).start()
@@ -99,13 +106,25 @@ def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_w
         reasons = list(np.asarray(run["interruptions"]["interruption"].read()))
         assert any("ring current below 100.0 mA" in str(reason) for reason in reasons), reasons
         assert len(run["primary"]["sample_stage_rotation"].read()) == SCAN.num_projections
+        interruptions = _interruptions(run)
+        primary = {doc["uid"] for name, doc in run.documents() if name == "descriptor" and doc["name"] == "primary"}
+        frame_times = sorted(doc["time"] for name, doc in run.documents() if name == "event" and doc["descriptor"] in primary)
     signal = _projections_all_lit(settings, result)
     assert signal.shape == (SCAN.num_projections,)
+    fault_figures["frames kept without beam"] = int((signal <= 0.2).sum())
+    suspended = [t for t, what in interruptions if what not in ("pause", "resume")]  # the suspender's justification
+    if suspended:
+        fault_figures["beam loss -> suspended (s)"] = round(suspended[0] - fired["time"], 2)
+    back = fired["back"].get("time")
+    after = [t for t in frame_times if back is not None and t > back]
+    if after:  # the suspender waits beam_settle_s (0.5 s) once the beam is back
+        fault_figures["beam back -> next frame (s)"] = round(after[0] - back, 2)
     assert signal.min() > 0.2, f"a projection was kept without beam: {signal.round(3).tolist()}"
 
 
 @pytest.mark.slow  # the beam stays off for 10 s by design
-def test_a_tripped_beam_suspender_holds_the_scan_before_its_first_motion(settings, sim_facility):
+@pytest.mark.fault("pre-tripped suspender")
+def test_a_tripped_beam_suspender_holds_the_scan_before_its_first_motion(settings, sim_facility, fault_figures):
     back = _beam_back_after(sim_facility, above_mA=190.0)
     # Longer than connecting the devices and opening the catalog, so the scan would start in the dark.
     _dump_beam(sim_facility, 10.0)
@@ -117,18 +136,23 @@ def test_a_tripped_beam_suspender_holds_the_scan_before_its_first_motion(setting
     assert "time" in back
     # The run (and with it the first motion: the preflight only reads) began after the beam was back.
     assert started > back["time"]
+    fault_figures["beam back -> run started (s)"] = round(started - back["time"], 2)
+    fault_figures["frames kept without beam"] = int((_projections_all_lit(settings, result) <= 0.2).sum())
     assert _projections_all_lit(settings, result).min() > 0.2
 
 
-def test_a_killed_detector_ioc_fails_the_production_run_with_a_reason_naming_its_pvs(settings, sim_facility):
+@pytest.mark.fault("IOC killed")
+def test_a_killed_detector_ioc_fails_the_production_run_with_a_reason_naming_its_pvs(settings, sim_facility, fault_figures):
     slow_scan = TomoScanRequest(num_projections=60, exposure_s=0.05, num_darks=1, num_flats=1)
     watcher = build_beamline(settings)
+    killed: dict[str, float] = {}
 
     def kill_mid_scan() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and watcher.stage.rotation.position < 30.0:
             time.sleep(0.01)
         sim_facility.kill("xray-detector")
+        killed["time"] = time.time()
 
     threading.Thread(target=kill_mid_scan, daemon=True).start()
     try:
@@ -142,7 +166,44 @@ def test_a_killed_detector_ioc_fails_the_production_run_with_a_reason_naming_its
         stop = catalog.runs[uid].metadata["stop"]
     assert stop["exit_status"] == "fail"
     assert "EPICS disconnect" in stop["reason"] and detector_prefix in stop["reason"]
+    fault_figures["IOC killed -> run failed (s)"] = round(stop["time"] - killed["time"], 2)
     deadline = time.monotonic() + 15
     while not watcher.detector.connected and time.monotonic() < deadline:
         time.sleep(0.1)
     assert watcher.detector.connected
+
+
+@pytest.mark.slow  # the move's time-out is its travel time twice plus 10 s, by design
+@pytest.mark.fault("motor that never finishes")
+def test_a_rotation_that_never_finishes_its_move_fails_the_production_run_naming_the_axis(settings, sim_facility, fault_figures):
+    stall_pv = f"{sim_facility.prefix_of('stage')}rot:sim:Stall"
+    watcher = build_beamline(settings)
+    stalled: dict[str, float] = {}
+
+    def stall_mid_scan() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and watcher.stage.rotation.position < 30.0:
+            time.sleep(0.01)
+        epics.caput(stall_pv, 1, wait=True)
+        stalled["time"] = time.time()
+        # Long enough for the stalled move to time out; then the stage may go home.
+        time.sleep(15.0)
+        epics.caput(stall_pv, 0, wait=True)
+
+    thread = threading.Thread(target=stall_mid_scan, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(Exception, match="sample_stage_rotation") as raised:
+            run_tomography(settings, SAMPLE, SCAN)
+    finally:
+        thread.join(30)
+        epics.caput(stall_pv, 0, wait=True)
+    with open_catalog(settings) as catalog:
+        (uid,) = list(catalog.runs)
+        stop = catalog.runs[uid].metadata["stop"]
+    assert stop["exit_status"] == "fail", stop
+    assert "sample_stage_rotation" in stop["reason"]
+    assert stop["num_events"].get("primary", 0) < SCAN.num_projections
+    assert not list(settings.beamline_storage.rglob("*_nxtomo.nxs")), "nothing exported from a failed run"
+    fault_figures["stall -> run failed (s)"] = round(stop["time"] - stalled["time"], 1)
+    fault_figures["error"] = type(raised.value).__name__

@@ -56,6 +56,7 @@ def test_yaml_file_is_read_and_keyword_overrides_win(tmp_path):
         ({"CORRFLOW_SIMULATION__XRAY_DETECTOR_SHAPE_PX": "[4, 128]"}, "xray_detector_shape_px"),
     ],
 )
+@pytest.mark.fault("bad settings")
 def test_wrong_settings_fail_with_the_setting_named(tmp_path, monkeypatch, env, named):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -90,6 +91,7 @@ def test_loopback_is_decided_on_the_address_not_the_spelling(host, loopback):
     assert is_loopback_host(host) is loopback
 
 
+@pytest.mark.fault("bad settings")
 def test_a_settings_error_never_prints_a_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("CORRFLOW_SERVER__HOST", "0.0.0.0")
     monkeypatch.setenv("CORRFLOW_SERVER__TIled_ADMIN_PASSWORD".upper(), "hunter2-admin")

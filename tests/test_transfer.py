@@ -45,6 +45,7 @@ def test_transfer_is_idempotent(source_tree, tmp_path):
     assert all(f.skipped for f in again.files)
 
 
+@pytest.mark.fault("transfer cut at 50 %")
 def test_interrupted_copy_resumes_from_partial_file(source_tree, tmp_path):
     root, files = source_tree
     src = files[1]

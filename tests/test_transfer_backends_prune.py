@@ -53,6 +53,7 @@ def test_only_verified_copies_past_retention_are_deleted(transferred):
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "symlinked-directory"])
+@pytest.mark.fault("prune safety")
 def test_a_copy_that_is_the_source_itself_is_never_counted_and_the_source_stays(tmp_path, kind):
     source, dest = tmp_path / "beamline", tmp_path / "compute"
     raw = source / "scan" / "only.h5"
@@ -76,6 +77,7 @@ def test_a_copy_that_is_the_source_itself_is_never_counted_and_the_source_stays(
     assert raw.exists()
 
 
+@pytest.mark.fault("prune safety")
 def test_the_prune_flow_records_each_deletion_on_its_run_in_the_catalog(tmp_path):
     from corrflow.catalog.tiled import open_catalog
     from corrflow.flows.prune import PruneDecision, record_pruned

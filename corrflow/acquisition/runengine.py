@@ -11,9 +11,11 @@ message (:func:`~corrflow.plans.interruptions.hold_while_tripped`).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +25,7 @@ from corrflow.catalog.filters import CompletenessCheck, ResumedRunFilter
 from corrflow.config.settings import ProtectionSettings
 from corrflow.plans.interruptions import (
     ConnectionWatcher,
+    EpicsDisconnectedError,
     SuspendTemperatureExcursion,
     beam_current_suspender,
     hold_while_tripped,
@@ -101,7 +104,9 @@ class ProductionRunEngine(RunEngine):
     The suspenders are installed when a plan starts and removed when it ends (so their
     subscriptions do not outlive the acquisition), and every call runs the plan behind
     :func:`~corrflow.plans.interruptions.hold_while_tripped`. The reason given to ``abort`` is
-    the stop document's reason.
+    the stop document's reason, and a run that fails while the connection watcher has lost PVs
+    (a device's read of a dead IOC can fail before the watcher hears of the disconnect) is closed
+    with the disconnect as its reason and raises :class:`EpicsDisconnectedError`.
     """
 
     def __init__(self, *args: Any, protections: list[Any] | None = None, settle_s: float = 0.0, **kwargs: Any) -> None:
@@ -109,19 +114,52 @@ class ProductionRunEngine(RunEngine):
         self.protections = list(protections or [])
         self.settle_s = settle_s
         self.record_interruptions = True  # every suspension and resumption lands in the run
+        self._call_started = 0.0
+        self._disconnect_reason: str | None = None
 
     async def _close_run(self, msg: Any) -> Any:
         # bluesky's run_decorator closes an aborted run with the (empty) text of RequestAbort, so the
         # reason given to abort() (a cancellation, a lost worker) would never reach the stop document.
         if not msg.kwargs.get("reason") and self._reason and msg.kwargs.get("exit_status") in ("abort", "fail"):
             msg = msg._replace(kwargs={**msg.kwargs, "reason": self._reason})
+        if msg.kwargs.get("exit_status") == "fail" and not str(msg.kwargs.get("reason", "")).startswith("EPICS disconnect"):
+            lost = await self._lost_connections()
+            if lost is not None:
+                self._disconnect_reason = f"{lost} (the plan failed with: {msg.kwargs.get('reason', '')})"
+                msg = msg._replace(kwargs={**msg.kwargs, "reason": self._disconnect_reason})
         return await super()._close_run(msg)
+
+    async def _lost_connections(self, *, grace_s: float = 1.0) -> str | None:
+        """What the connection watcher lost during this call, if anything.
+
+        A device whose IOC dies can fail its own read or write a moment before Channel Access
+        tells the watcher that the circuit closed; the disconnect is the cause, so it is what the
+        stop document names. Waits up to ``grace_s`` for the watcher to hear of it.
+        """
+        watchers = [s for s in self.protections if isinstance(s, ConnectionWatcher)]
+        if not watchers:
+            return None
+        deadline = time.monotonic() + grace_s
+        while True:
+            for watcher in watchers:
+                disconnects = [pv for t, kind, pv in watcher.events if kind == "disconnect" and t >= self._call_started]
+                if watcher.lost or disconnects:
+                    lost = watcher.describe_lost() if watcher.lost else f"EPICS disconnect: {', '.join(sorted(set(disconnects)))}"
+                    return lost
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     def __call__(self, plan: Any, *args: Any, **kwargs: Any) -> Any:
         for suspender in self.protections:
             self.install_suspender(suspender)
+        self._call_started, self._disconnect_reason = time.time(), None
         try:
             return super().__call__(hold_while_tripped(plan, self.protections, settle_s=self.settle_s), *args, **kwargs)
+        except Exception as exc:
+            if self._disconnect_reason is not None and not isinstance(exc, EpicsDisconnectedError):
+                raise EpicsDisconnectedError(self._disconnect_reason) from exc
+            raise
         finally:
             for suspender in self.protections:
                 self.remove_suspender(suspender)

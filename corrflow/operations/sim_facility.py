@@ -276,7 +276,7 @@ class SimFacility:
                 if process is None or process.poll() is not None:
                     raise SimFacilityError(f"IOC {name!r} is not running (exit code {process and process.returncode})\n{self.log_tail(name)}")
                 try:
-                    read(self.ready_pv(name), timeout=0.5)
+                    read(self.ready_pv(name), timeout=0.5, repeater=False)  # the facility runs its own
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise SimFacilityError(
@@ -358,7 +358,7 @@ class SimFacility:
                 # does): a datagram lost on a busy machine is retried here, not reported as a count.
                 for attempt in range(3):
                     try:
-                        counts[name] = int(read(self.ready_pv(name), timeout=2.0).data[0])
+                        counts[name] = int(read(self.ready_pv(name), timeout=2.0, repeater=False).data[0])
                         break
                     except TimeoutError:
                         if attempt == 2 or not self.is_running(name):

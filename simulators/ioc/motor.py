@@ -14,7 +14,9 @@
   before the record sees the value (a real record accepts the write and sets ``.LVIO``);
 - ``.STOP`` = 1 halts the motion where it is and sets ``.VAL`` to the position reached;
 - a new ``.VAL`` while moving re-targets without pulsing ``.DMOV``;
-- ``.SET`` = 1 ("Set" mode) makes a ``.VAL`` write redefine the current position without moving.
+- ``.SET`` = 1 ("Set" mode) makes a ``.VAL`` write redefine the current position without moving;
+- fault injection for tests: ``NAME:sim:Stall`` = 1 freezes a move where it is (``.DMOV`` stays 0,
+  as with a tripped amplifier), 0 lets it carry on.
 
 Offsets (``.OFF``, ``.DIR``, ``.FOFF``) and homing are served read-only at their neutral values:
 this simulator has no dial/user distinction and no home switch.
@@ -85,6 +87,9 @@ class MotorRecord(PVGroup):
     homr = pvproperty(name=".HOMR", value=0, read_only=True, doc="home reverse (no home switch simulated)")
     desc = pvproperty(name=".DESC", value="", dtype=ChannelType.STRING, doc="description")
     prec = pvproperty(name=".PREC", value=4, read_only=True, doc="display precision")
+    # Fault injection (a stalled amplifier or a stuck encoder): while 1, a move makes no progress and
+    # never reports done; at 0 it carries on. Not a motor-record field.
+    stall = pvproperty(name=":sim:Stall", value=0, doc="simulated fault: 1 = the motion stalls (DMOV stays 0)")
 
     def __init__(
         self,
@@ -205,6 +210,11 @@ class MotorRecord(PVGroup):
         t0 = loop.time()
         tick_s = 1.0 / TICK_HZ
         while True:
+            if self.stall.value:
+                stalled_at = loop.time()
+                while self.stall.value:
+                    await asyncio.sleep(tick_s)
+                t0 += loop.time() - stalled_at  # the travel left is the same as before the stall
             elapsed_s = loop.time() - t0
             if elapsed_s >= duration_s:
                 break
