@@ -116,7 +116,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     terminalreporter.write_line(
         f"{len(cases_run)} of {len(CASES)} cases run, {len(failed)} failing" + (f": {', '.join(failed)}" if failed else "")
     )
-    if config.cache is not None:
+    if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider
         path = config.cache.mkdir("fault-matrix") / "fault-matrix.json"
         path.write_text(json.dumps({"cases": list(CASES), "results": results}, indent=1))
         terminalreporter.write_line(f"written to {path}")
