@@ -127,6 +127,8 @@ class EpicsAxis(EpicsMotor):
     - ``check_value`` refuses non-finite or non-numeric targets besides the soft limits;
     - ``stop()`` writes ``.STOP`` and fails the pending move status (``EpicsMotor`` lets it
       finish as a success when ``.DMOV`` returns to 1);
+    - a move waits until the previous one has ended (``.DMOV`` = 1): ``EpicsMotor`` would report a
+      move started during a stop as finished when the stopped one ends;
     - an axis declared ``normal`` in its stage does not hint its readback.
     """
 
@@ -152,11 +154,22 @@ class EpicsAxis(EpicsMotor):
             distance = abs(float(position) - float(self.position))
             travel_s = distance / velocity if velocity > 0 else math.inf
             timeout = 2.0 * travel_s + MOVE_TIMEOUT_MARGIN_S
+        self._wait_for_previous_move_to_end()
         # EpicsMotor.move without its second limit check against possibly stale control limits.
         self._started_moving = False
         status = PositionerBase.move(self, position, timeout=timeout, moved_cb=moved_cb, **kwargs)
         self.user_setpoint.put(position, wait=False, force=True)
         return status
+
+    def _wait_for_previous_move_to_end(self, *, timeout_s: float = WRITE_TIMEOUT_S) -> None:
+        """A stopped (or timed-out) move reports ``.DMOV`` = 1 a moment after the stop: a new move
+        started before that would take the old move's end for its own and report success at once,
+        wherever the motor is. Wait for it, and refuse to move a motor that does not stop."""
+        deadline = time.monotonic() + timeout_s
+        while self._moving:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: still moving {timeout_s} s after its previous move was stopped")
+            time.sleep(0.005)
 
     def stop(self, *, success: bool = False) -> None:
         """Write ``.STOP`` and finish the pending move (failed unless ``success``)."""

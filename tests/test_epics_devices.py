@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import epics
 import h5py
 import numpy as np
 import pytest
@@ -122,6 +123,30 @@ def test_motor_stop_halts_between_start_and_target_and_fails_the_move(beamline):
         assert x.user_setpoint.get() == pytest.approx(x.position, abs=1e-6)
     finally:
         x.velocity.set(1000.0 * 20).wait(5)
+
+
+def test_a_move_started_right_after_a_stopped_one_is_not_finished_by_the_stopped_ones_end(beamline, sim_facility):
+    """ophyd's EpicsMotor takes the ``.DMOV`` 0 -> 1 of a stop for the end of whatever move is
+    pending: a move started during the stop would report success at once, wherever the motor is.
+    The rotation stalls here, so the second move cannot finish until the stall is lifted."""
+    rotation = beamline.stage.rotation
+    stall_pv = f"{sim_facility.prefix_of('stage')}rot:sim:Stall"
+    start = rotation.position
+    epics.caput(stall_pv, 1, wait=True, timeout=10)
+    try:
+        first = rotation.set(start + 5.0)
+        time.sleep(0.3)
+        rotation.stop()
+        second = rotation.set(start + 6.0)
+        time.sleep(1.0)
+        assert not second.done, "the stopped move's end was taken for the second move's"
+        with pytest.raises(Exception):  # noqa: B017 - ophyd raises its own status failure types
+            first.wait(5)
+    finally:
+        epics.caput(stall_pv, 0, wait=True, timeout=10)
+    second.wait(15)
+    assert rotation.position == pytest.approx(start + 6.0, abs=1e-3)
+    rotation.set(start).wait(15)
 
 
 def test_shutter_opens_and_closes(beamline):

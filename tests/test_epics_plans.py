@@ -62,6 +62,9 @@ def epics_scan(sim_facility, tmp_path_factory):
         data_root=root, beamline={"mode": "epics", "epics_prefix": sim_facility.beamline_prefix}
     )
     beamline = build_beamline(settings)
+    # The facility is shared by the session: start from the stage's home, whatever ran before.
+    for axis in (beamline.stage.rotation, beamline.stage.x):
+        axis.set(0.0).wait(30)
     started = time.monotonic()
     docs = _run(_scan(beamline))
     return {"docs": docs, "beamline": beamline, "wall_s": time.monotonic() - started, "root": root}
