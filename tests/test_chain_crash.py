@@ -59,6 +59,16 @@ def _runs_of_sample(settings, sample):
         root.context.close()
 
 
+def _wait_until_acquiring(run_id, settings, sample: str, *, worker) -> None:
+    """The flow run is Running and its run document is in the catalog: the RunEngine is acquiring
+    (then 2 s more, so the scan is well under way)."""
+    _wait_state(run_id, lambda s: s.is_running(), timeout_s=120, worker=worker)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not _runs_of_sample(settings, sample):
+        time.sleep(0.5)
+    time.sleep(2.0)
+
+
 def _start_long_tomography(sample: str, projections: int):
     from prefect.deployments import run_deployment
 
@@ -83,11 +93,7 @@ def test_cancelling_an_acquisition_deployment_run_aborts_the_run_engine_within_5
     worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-cancel")
     try:
         run_id = _start_long_tomography("cancel-01", 6000)
-        _wait_state(run_id, lambda s: s.is_running(), timeout_s=120, worker=worker)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not _runs_of_sample(settings, "cancel-01"):
-            time.sleep(0.5)  # the run document is in the catalog: the RunEngine is acquiring
-        time.sleep(2.0)
+        _wait_until_acquiring(run_id, settings, "cancel-01", worker=worker)
         requested = time.time()
         cancel_flow_run(str(run_id))
         final = _wait_state(run_id, lambda s: s.is_final(), timeout_s=60, worker=worker)
@@ -111,11 +117,7 @@ def test_a_worker_killed_mid_flow_is_marked_crashed_and_a_rerun_completes(facili
     worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-crash")
     run_id = _start_long_tomography("crash-01", 6000)
     try:
-        _wait_state(run_id, lambda s: s.is_running(), timeout_s=120, worker=worker)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not _runs_of_sample(settings, "crash-01"):
-            time.sleep(0.5)  # mid-flow: the RunEngine is writing the run
-        time.sleep(2.0)
+        _wait_until_acquiring(run_id, settings, "crash-01", worker=worker)
         tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
         killed_at = time.monotonic()
         for process in tree:  # the worker and the flow-run process it started: a machine dying
@@ -196,11 +198,7 @@ def test_a_flow_run_whose_worker_alone_is_killed_aborts_its_scan_frees_the_slot_
     worker = start_worker(facility.settings, "beamline", name="corrflow-beamline-orphan")
     run_id = _start_long_tomography("orphan-01", 6000)
     try:
-        _wait_state(run_id, lambda s: s.is_running(), timeout_s=120, worker=worker)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not _runs_of_sample(settings, "orphan-01"):
-            time.sleep(0.5)  # the RunEngine is acquiring
-        time.sleep(2.0)
+        _wait_until_acquiring(run_id, settings, "orphan-01", worker=worker)
         assert _active_slots(limit) == 1
         flow_run_processes = psutil.Process(worker.process.pid).children(recursive=True)
         assert flow_run_processes, "the worker has started no flow-run process"
