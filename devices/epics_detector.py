@@ -454,6 +454,9 @@ class EpicsAreaDetector(Device):
         if stop > start:
             # The plugin flushes on a timer; readers told about these frames must see them now.
             self.hdf.flush_now.set(1).wait(timeout=WRITE_TIMEOUT_S)
+            if self.hdf.write_status.get(use_monitor=False) != "Write OK":
+                # No reader may be told about frames the file does not hold.
+                raise RuntimeError(f"{self.name}: {self.hdf.write_message.get(use_monitor=False)}")
         yield from stream_asset_docs(
             path=path,
             resource_uids=resource_uids,

@@ -8,6 +8,8 @@ queue entry asks for.
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -18,12 +20,12 @@ import numpy as np
 from prefect import flow
 
 from corrflow.acquisition.cancellation import run_abortable
-from corrflow.acquisition.runengine import EventCounter, make_run_engine
+from corrflow.acquisition.runengine import EventCounter, StorageFullError, is_storage_full, make_run_engine, storage_full_text
 from corrflow.catalog.filters import with_view_sources
 from corrflow.catalog.reconcile import reconcile_runs
 from corrflow.catalog.spool import DocumentSpool
-from corrflow.catalog.tiled import Catalog, external_file_paths, open_catalog, tiled_writer
-from corrflow.config.settings import ProtectionSettings, Settings
+from corrflow.catalog.tiled import Catalog, external_file_paths, open_catalog, record_lifecycle, tiled_writer
+from corrflow.config.settings import ProtectionSettings, Settings, Site
 from corrflow.devices.beamline import build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows._common import flow_settings, run_name
@@ -73,27 +75,71 @@ def close_lost_runs(catalog: Any, instrument: str) -> list[str]:
     return [entry.uid for entry in closed]
 
 
+#: Where a run's partial files go, below its site's storage root, when the storage filled up.
+INCOMPLETE_DIR = "incomplete"
+
+
+def set_aside_partial_files(settings: Settings, catalog: Catalog, site: Site, data_dir: Path, error: StorageFullError) -> Path | None:
+    """Move the files of a run that failed on a full storage out of the data tree; returns where.
+
+    Nothing acquired is deleted: the directory is renamed (no space needed) to
+    ``<storage>/incomplete/<its path below the storage>`` (or, if even that directory cannot be
+    made, to ``<data_dir>.incomplete`` beside it), so no later stage or user takes the partial files
+    for a scan. The move is recorded on the run in the catalog (``lifecycle.set_aside``).
+    """
+    if not data_dir.exists():
+        return None
+    root = settings.storage(site)
+    target = root / INCOMPLETE_DIR / data_dir.relative_to(root)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        target = data_dir.with_name(data_dir.name + ".incomplete")
+    os.rename(data_dir, target)
+    entry = {"from": str(data_dir), "to": str(target), "reason": error.reason, "time": time.time()}
+    for uid in error.run_uids:
+        try:
+            record_lifecycle(catalog.runs[uid], "set_aside", [entry])
+        except Exception as exc:  # noqa: BLE001 - the run itself is already catalogued as failed
+            print(f"run {uid}: files set aside in {target}, not recorded in the catalog: {exc}")
+    return target
+
+
 def acquire_catalogued(
-    settings: Settings, catalog: Catalog, instrument: Any, plan: Any, *callbacks: Any, protections: ProtectionSettings
+    settings: Settings,
+    catalog: Catalog,
+    instrument: Any,
+    plan: Any,
+    *callbacks: Any,
+    protections: ProtectionSettings,
+    site: Site,
+    data_dir: Path,
 ) -> Any:
     """Run ``plan`` on the production RunEngine with the catalog behind a spool; returns the catalogued run.
 
     Runs that died with their process are closed first (:func:`close_lost_runs`). Every document
     goes to the spool on local disk before the catalog (:mod:`corrflow.catalog.spool`): if the
     catalog goes away mid-run the acquisition goes on, and afterwards the run is replayed into it
-    once it answers again (``settings.catalog.outage_wait_s``).
+    once it answers again (``settings.catalog.outage_wait_s``). A run that fails because ``site``'s
+    storage filled up has its files in ``data_dir`` set aside (:func:`set_aside_partial_files`).
 
     Raises
     ------
     CatalogUnavailableError
         The catalog did not come back in time; the message names it and the spool file.
+    StorageFullError
+        A write found no space left; the run is catalogued ``fail`` and its files were set aside.
     AcquisitionError
         The run did not end ``success`` (every planned point taken).
     """
     close_lost_runs(catalog, instrument.name)
     spool = DocumentSpool(tiled_writer(catalog.runs, settings), directory=settings.spool_dir, catalog_address=settings.catalog_address)
     engine = make_run_engine(*callbacks, catalog_writer=spool, instrument=instrument, protections=protections)
-    (uid,) = engine(plan)
+    try:
+        (uid,) = engine(plan)
+    except StorageFullError as exc:
+        moved = set_aside_partial_files(settings, catalog, site, data_dir, exc)
+        raise StorageFullError(f"{exc.reason}; the run's partial files were set aside in {moved}", exc.run_uids) from exc
     spool.settle(uid, catalog.runs, wait_s=settings.catalog.outage_wait_s, make_writer=lambda: tiled_writer(catalog.runs, settings))
     run = catalog.runs[uid]
     _check_success(run)
@@ -185,10 +231,16 @@ def run_tomography(settings: Settings, sample: Sample, parameters: TomoScanReque
     with open_catalog(settings) as catalog:
         run = acquire_catalogued(
             settings, catalog, beamline, plan, EventCounter("tomography (projections)", parameters.num_projections),
-            protections=settings.beamline.protections,
+            protections=settings.beamline.protections, site="beamline", data_dir=scan_dir,
         )
         uid = run.metadata["start"]["uid"]
-        nexus = export_nxtomo(run, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
+        try:
+            nexus = export_nxtomo(run, scan_dir / f"{sample.name}_{uid[:8]}_nxtomo.nxs")
+        except OSError as exc:
+            if not is_storage_full(exc):
+                raise
+            # The acquisition is complete and catalogued as such; only its export is missing.
+            raise StorageFullError(f"{storage_full_text(exc)} (run {uid} is complete; export it again once there is space)", (uid,)) from exc
         # A resumed run's re-taken frames are catalogued through a view of the detector file:
         # both files travel.
         files = (*with_view_sources(external_file_paths(run)), nexus)
@@ -217,7 +269,10 @@ def run_micrograph(
         parent_uids=tuple(parent_uids),
     )
     with open_catalog(settings) as catalog:
-        run = acquire_catalogued(settings, catalog, microscope, plan, EventCounter("micrograph", 1), protections=settings.microscope.protections)
+        run = acquire_catalogued(
+            settings, catalog, microscope, plan, EventCounter("micrograph", 1),
+            protections=settings.microscope.protections, site="microscope", data_dir=scan_dir,
+        )
         uid = run.metadata["start"]["uid"]
         files = tuple(with_view_sources(external_file_paths(run)))
     return MicrographRun(

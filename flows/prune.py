@@ -104,7 +104,7 @@ def _decide(
 
 def record_pruned(settings: Any, decisions: list[PruneDecision]) -> None:
     """Record each deleted raw file on its run in the catalog (``lifecycle.pruned``)."""
-    from corrflow.catalog.tiled import open_catalog
+    from corrflow.catalog.tiled import open_catalog, record_lifecycle
 
     by_run: dict[str, list[dict[str, Any]]] = {}
     compute_root = Path(settings.compute_storage).resolve()
@@ -119,10 +119,7 @@ def record_pruned(settings: Any, decisions: list[PruneDecision]) -> None:
         for run_uid, pruned in by_run.items():
             if run_uid not in catalog.runs:
                 continue
-            run = catalog.runs[run_uid]
-            lifecycle = dict(run.metadata.get("lifecycle") or {})
-            lifecycle["pruned"] = [*lifecycle.get("pruned", []), *pruned]
-            run.update_metadata(metadata={"lifecycle": lifecycle})
+            record_lifecycle(catalog.runs[run_uid], "pruned", pruned)
 
 
 @flow(name="prune", flow_run_name="{site} · prune", log_prints=True)

@@ -12,7 +12,9 @@ message (:func:`~corrflow.plans.interruptions.hold_while_tripped`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import re
 import socket
 import sys
 import time
@@ -31,6 +33,44 @@ from corrflow.plans.interruptions import (
     hold_while_tripped,
 )
 from corrflow.report import progress
+
+
+class StorageFullError(OSError):
+    """A run failed because a storage it writes to ran out of space; ``run_uids`` are its runs."""
+
+    def __init__(self, reason: str, run_uids: tuple[str, ...] = ()) -> None:
+        super().__init__(errno.ENOSPC, reason)
+        self.reason, self.run_uids = reason, tuple(run_uids)
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __reduce__(self) -> Any:  # OSError pickles its (errno, strerror) args, not ours
+        return type(self), (self.reason, self.run_uids)
+
+
+def is_storage_full(cause: BaseException | None) -> bool:
+    """Whether ``cause`` (or what it was raised from) is a write that found no space left.
+
+    An in-process writer raises ``OSError(ENOSPC)``; an areaDetector IOC reports the same failure
+    only as text (``WriteMessage``), which the EPICS detector passes on.
+    """
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        if os.strerror(errno.ENOSPC) in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def storage_full_text(cause: BaseException | str) -> str:
+    """``storage full: no space left on device writing <file>`` (HDF5's own message is a page long)."""
+    text = str(cause)
+    filename = getattr(cause, "filename", None) or next(iter(re.findall(r"filename = '([^']+)'", text)), None)
+    return f"storage full: no space left on device writing {filename}" if filename else f"storage full: {text}"
 
 
 class EventCounter:
@@ -106,7 +146,10 @@ class ProductionRunEngine(RunEngine):
     :func:`~corrflow.plans.interruptions.hold_while_tripped`. The reason given to ``abort`` is
     the stop document's reason, and a run that fails while the connection watcher has lost PVs
     (a device's read of a dead IOC can fail before the watcher hears of the disconnect) is closed
-    with the disconnect as its reason and raises :class:`EpicsDisconnectedError`.
+    with the disconnect as its reason and raises :class:`EpicsDisconnectedError`. A run that fails
+    on a device's failed status is closed with that failure's cause in its reason (bluesky's own
+    reason names the status only), and one whose cause is a full storage raises
+    :class:`StorageFullError`.
     """
 
     def __init__(self, *args: Any, protections: list[Any] | None = None, settle_s: float = 0.0, **kwargs: Any) -> None:
@@ -116,12 +159,45 @@ class ProductionRunEngine(RunEngine):
         self.record_interruptions = True  # every suspension and resumption lands in the run
         self._call_started = 0.0
         self._disconnect_reason: str | None = None
+        self._failed_causes: list[tuple[str, BaseException]] = []  # (repr of the failed status, its cause)
+        self._storage_full_reason: str | None = None
+
+    def _status_object_completed(self, ret: Any, fut: Any, pardon_failures: Any) -> None:
+        if not ret.success and not pardon_failures.is_set():
+            try:
+                cause = ret.exception(timeout=0)
+            except Exception as exc:  # noqa: BLE001 - a status that cannot say why still failed
+                cause = exc
+            if cause is not None:
+                self._failed_causes.append((repr(ret), cause))
+        super()._status_object_completed(ret, fut, pardon_failures)
+
+    def _reason_with_cause(self, reason: str) -> str:
+        for status, cause in self._failed_causes:
+            if status in reason and str(cause) not in reason:
+                if is_storage_full(cause):
+                    self._storage_full_reason = storage_full_text(cause)
+                    return f"{self._storage_full_reason} (the plan failed with: {reason})"
+                return f"{reason}: {type(cause).__name__}: {cause}"
+        return reason
+
+    def _storage_full_reason_of(self, reason: str) -> str:
+        """A failure's reason, led by the full storage when that is what it was (a device that
+        raised rather than failed a status, e.g. a detector whose IOC could not flush its file)."""
+        if self._storage_full_reason is None and os.strerror(errno.ENOSPC) in reason:
+            self._storage_full_reason = storage_full_text(reason)
+            return f"{self._storage_full_reason} (the plan failed with: {reason})"
+        return reason
 
     async def _close_run(self, msg: Any) -> Any:
         # bluesky's run_decorator closes an aborted run with the (empty) text of RequestAbort, so the
         # reason given to abort() (a cancellation, a lost worker) would never reach the stop document.
         if not msg.kwargs.get("reason") and self._reason and msg.kwargs.get("exit_status") in ("abort", "fail"):
             msg = msg._replace(kwargs={**msg.kwargs, "reason": self._reason})
+        if msg.kwargs.get("exit_status") == "fail" and self._failed_causes:
+            msg = msg._replace(kwargs={**msg.kwargs, "reason": self._reason_with_cause(str(msg.kwargs.get("reason", "")))})
+        if msg.kwargs.get("exit_status") == "fail":
+            msg = msg._replace(kwargs={**msg.kwargs, "reason": self._storage_full_reason_of(str(msg.kwargs.get("reason", "")))})
         if msg.kwargs.get("exit_status") == "fail" and not str(msg.kwargs.get("reason", "")).startswith("EPICS disconnect"):
             lost = await self._lost_connections()
             if lost is not None:
@@ -154,11 +230,15 @@ class ProductionRunEngine(RunEngine):
         for suspender in self.protections:
             self.install_suspender(suspender)
         self._call_started, self._disconnect_reason = time.time(), None
+        self._failed_causes, self._storage_full_reason = [], None
         try:
             return super().__call__(hold_while_tripped(plan, self.protections, settle_s=self.settle_s), *args, **kwargs)
         except Exception as exc:
             if self._disconnect_reason is not None and not isinstance(exc, EpicsDisconnectedError):
                 raise EpicsDisconnectedError(self._disconnect_reason) from exc
+            if self._storage_full_reason is not None or is_storage_full(exc):
+                reason = self._storage_full_reason or storage_full_text(exc)
+                raise StorageFullError(reason, tuple(self._run_start_uids)) from exc
             raise
         finally:
             for suspender in self.protections:

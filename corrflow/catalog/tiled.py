@@ -201,6 +201,18 @@ def record_product(catalog: Catalog, key: str, metadata: dict[str, Any]) -> Cont
     return catalog.processed.create_container(key, metadata=metadata)
 
 
+def record_lifecycle(run: Any, event: str, entries: list[dict[str, Any]]) -> None:
+    """Append ``entries`` to the run's ``lifecycle.<event>`` list in the catalog.
+
+    What happened to a run's files after it was catalogued (``pruned``: deleted after a verified
+    copy; ``set_aside``: moved out of the data tree because the run failed writing them), so a
+    reader learns where the files went instead of meeting a missing file.
+    """
+    lifecycle = dict(run.metadata.get("lifecycle") or {})
+    lifecycle[event] = [*lifecycle.get(event, []), *entries]
+    run.update_metadata(metadata={"lifecycle": lifecycle})
+
+
 def _copy_one_shot_cached_map(self):
     """A copy with its own key -> client table (``copy.copy`` default shares it)."""
     clone = object.__new__(type(self))

@@ -159,11 +159,22 @@ class HDF5FrameWriter:
         self._pending_attributes.clear()
 
     def close(self) -> None:
-        """Flush and close (idempotent)."""
-        if self._file is not None:
+        """Flush and close (idempotent).
+
+        Every HDF5 object of the file is released here, on the calling thread, even when the flush
+        or the close fails (a full disk): an object released later by the garbage collector, on
+        whatever thread runs it, can crash the HDF5 library once a write has failed.
+        """
+        if self._file is None:
+            return
+        file = self._file
+        try:
+            self._write_pending_attributes()
+        finally:
+            self._file, self._dataset, self._attributes = None, None, {}
+            self._pending_attributes.clear()
             try:
-                self._write_pending_attributes()
+                file.close()
             finally:
-                self._file.close()
-            self._file = None
-            self.n_flushed = self.n_frames
+                del file
+        self.n_flushed = self.n_frames

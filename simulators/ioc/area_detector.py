@@ -23,7 +23,9 @@ clients read frames while the file is open (:class:`corrflow.formats.hdf5_frames
 file is flushed every ``FlushInterval`` seconds (areaDetector flushes every ``NumFramesFlush``
 frames; time bounds a reader's wait at any frame rate) and on ``FlushNow``, which clients put
 before they announce frames to readers. Files are created exclusively:
-an existing file is never overwritten (``Capture`` fails with ``WriteStatus`` = "Write error").
+an existing file is never overwritten. As in areaDetector, a write that fails (a file that exists
+or cannot be created, a full disk) is a status, not a failed put: ``Capture`` stays ``Done`` or
+frames stop being captured, ``WriteStatus`` = "Write error" and ``WriteMessage`` says why.
 
 Subclasses provide the physics: :meth:`AreaDetectorIOC.exposure_inputs` (the state of the
 instrument when an exposure starts and ends) and :meth:`AreaDetectorIOC.compute_frame`.
@@ -196,7 +198,10 @@ class HDF5PluginGroup(PVGroup):
     async def flush_now(self, instance: Any, value: int) -> int:
         writer = self.writer
         if int(value) and writer is not None:
-            await self._run_io(writer.flush)
+            try:
+                await self._run_io(writer.flush)
+            except (OSError, RuntimeError) as exc:  # a status, as every write failure (see handle_frame)
+                await self._write_error(f"cannot flush {writer.path}: {exc}")
         return 0
 
     @flush_interval.putter
@@ -217,8 +222,10 @@ class HDF5PluginGroup(PVGroup):
         try:
             filename = template % (self.file_path.value, self.file_name.value, int(self.file_number.value))
         except (TypeError, ValueError) as exc:
+            # As NDFileHDF5: a file that cannot be opened leaves Capture at Done and says why in
+            # WriteStatus/WriteMessage (the put itself completes).
             await self._write_error(f"FileTemplate {template!r} does not format path, name, number: {exc}")
-            raise ValueError(f"{instance.pvname}: bad FileTemplate {template!r}") from exc
+            return "Done"
         path = Path(filename)
         try:
             if self.create_directory.value:
@@ -234,7 +241,7 @@ class HDF5PluginGroup(PVGroup):
             )
         except OSError as exc:
             await self._write_error(f"cannot create {path}: {exc}")
-            raise
+            return "Done"
         self.writer = writer
         await self.write_status.write("Write OK")
         await self.write_message.write("")
@@ -252,7 +259,10 @@ class HDF5PluginGroup(PVGroup):
     async def _close(self) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:
-            await self._run_io(writer.close)
+            try:
+                await self._run_io(writer.close)
+            except (OSError, RuntimeError) as exc:
+                await self._write_error(f"cannot close {writer.path}: {exc}")
 
     async def handle_frame(self, frame: np.ndarray, attributes: Mapping[str, float]) -> None:
         """Receive one frame from the driver (areaDetector's NDArray callback)."""
@@ -264,9 +274,11 @@ class HDF5PluginGroup(PVGroup):
             return
         try:
             n = await self._run_io(writer.append, frame, attributes)
-        except (OSError, ValueError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
+            # As NDFileHDF5: a failed write is a status (the frame is not captured), not a failed
+            # put of Acquire; the client sees NumCaptured stop and WriteMessage say why.
             await self._write_error(f"cannot append to {writer.path}: {exc}")
-            raise
+            return
         await self.num_captured_rbv.write(n)
         if 0 < self.num_capture.value <= n:
             await self._close()
