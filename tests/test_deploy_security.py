@@ -127,6 +127,53 @@ def test_a_worker_gets_its_scoped_credentials_and_never_the_admin_password(facil
     assert httpx.post(f"{base}/auth/apikey", json={"scopes": ["admin:apikeys"]}, headers=as_writer).status_code in (401, 403)
 
 
+@pytest.mark.fault("auth")
+def test_each_site_s_workers_get_their_own_writer_key_and_revoking_one_stops_only_that_site(facility):
+    """One Tiled service principal per site: a site's settings file holds its own key, never
+    another site's nor the operators'; revoking the beamline's key refuses the beamline's writes
+    while the compute site goes on writing; the next provisioning issues the beamline a new key."""
+    import yaml
+
+    from corrflow.config.settings import CONFIG_ENV_VAR, SITES
+    from corrflow.operations.server import provision_tiled_keys, revoke_tiled_key, site_writer
+
+    settings = facility.settings
+    base = tiled_url(settings).rstrip("/") + "/api/v1"
+    keys = {site: yaml.safe_load(open(client_environment(settings, site)[CONFIG_ENV_VAR]))["catalog"]["api_key"] for site in SITES}
+    operators = tiled_key(settings, "writer")
+    assert len({*keys.values(), operators}) == len(SITES) + 1, "every site and the operators hold a key of their own"
+    assert all(keys[site] == tiled_key(settings, site_writer(site)) for site in SITES)
+    principals = {site: httpx.get(f"{base}/auth/whoami", headers={"Authorization": f"Apikey {key}"}).json() for site, key in keys.items()}
+    assert len({p["uuid"] for p in principals.values()}) == len(SITES) and all(p["type"] == "service" for p in principals.values())
+
+    from tiled.client import from_uri
+
+    def write(site_key: str, name: str) -> int:
+        """HTTP status of creating a node with ``site_key`` (200: written)."""
+        try:
+            client = from_uri(tiled_url(settings), api_key=site_key)
+        except httpx.HTTPStatusError as exc:
+            return exc.response.status_code
+        try:
+            client.create_container(key=name, metadata={"purpose": "per-site key test"})
+            return 200
+        except httpx.HTTPStatusError as exc:
+            return exc.response.status_code
+        finally:
+            client.context.close()
+
+    suffix = tiled_key(settings, "reader")[:6]
+    assert write(keys["beamline"], f"auth-beamline-{suffix}") == 200
+    try:
+        revoke_tiled_key(settings, site_writer("beamline"))
+        assert write(keys["beamline"], f"auth-beamline-revoked-{suffix}") == 401
+        assert write(keys["compute"], f"auth-compute-{suffix}") == 200
+    finally:
+        renewed = provision_tiled_keys(settings)[site_writer("beamline")]
+    assert renewed != keys["beamline"]
+    assert write(renewed, f"auth-beamline-renewed-{suffix}") == 200
+
+
 def test_secrets_are_secret_types_never_printed(tmp_path):
     settings = load_settings(
         data_root=tmp_path,

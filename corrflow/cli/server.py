@@ -40,7 +40,12 @@ def up(
             site_workers = [start_worker(settings, site) for site in SITES] if workers else []
             console.print(f"Prefect API  {prefect_api_url(settings)}  (dashboard: {prefect_api_url(settings).removesuffix('/api')})")
             if tiled:
-                console.print(f"Tiled        {tiled_url(settings)}  (key in {server_dir(settings) / 'tiled_api_key'} unless set)")
+                keys = (
+                    f"keys in {server_dir(settings)}/tiled_<name>_key: writer-<site> per site, writer for operators, reader"
+                    if settings.server.auth_enabled
+                    else f"key in {server_dir(settings) / 'tiled_api_key'}"
+                )
+                console.print(f"Tiled        {tiled_url(settings)}  ({keys}, unless catalog.api_key is set)")
             console.print(f"settings for workers and clients: CORRFLOW_CONFIG={settings_file}")
             console.print(f"logs in {server_dir(settings) / 'logs'}; Ctrl-C stops everything")
             try:
@@ -57,6 +62,24 @@ def up(
         raise typer.Exit(1) from None
 
 
+@app.command("revoke-key")
+def revoke_key(
+    name: Annotated[str, typer.Argument(help="writer-beamline, writer-compute, writer-microscope, writer or reader")],
+    config: ConfigOption = None,
+    data_root: DataRootOption = None,
+) -> None:
+    """Revoke one Tiled key (e.g. a site's writer after a host was compromised); `server up` issues a new one."""
+    settings = load(config, data_root)
+    from corrflow.operations.server import ServerError, revoke_tiled_key
+
+    try:
+        revoke_tiled_key(settings, name)
+    except ServerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"revoked the Tiled {name} key; start the servers again (`corrflow server up`) to issue a new one")
+
+
 @app.command()
 def worker(
     site: Annotated[str, typer.Argument(help="beamline, compute or microscope")],
@@ -71,7 +94,7 @@ def worker(
     settings.ensure_directories()
     from corrflow.operations.server import _bin, _clean_environment, client_environment
 
-    env = _clean_environment(client_environment(settings))
+    env = _clean_environment(client_environment(settings, site))
     command = [_bin("prefect"), "worker", "start", "--pool", settings.work_pool(site), "--type", "process", "--name", f"corrflow-{site}"]
     console.print(" ".join(command))
     os.execvpe(command[0], command, env)

@@ -38,7 +38,7 @@ import yaml
 from pydantic import SecretStr
 
 from corrflow.catalog.tiled import catalog_config
-from corrflow.config.settings import CONFIG_ENV_VAR, ENV_PREFIX, CatalogSettings, Settings, Site, secret_value, settings_document
+from corrflow.config.settings import SITES, CONFIG_ENV_VAR, ENV_PREFIX, CatalogSettings, Settings, Site, secret_value, settings_document
 
 
 class ServerError(RuntimeError):
@@ -132,16 +132,28 @@ def server_dir(settings: Settings) -> Path:
 
 
 TILED_ADMIN = "corrflow-admin"
-#: Scopes of the keys `server up` issues when auth is on. Writers (workers) create runs and write
-#: data; readers (dashboards, users) only read.
+# "register": link detector files written outside Tiled (stream resources) to the catalog.
+_WRITER_SCOPES = ["read:metadata", "read:data", "create:node", "write:metadata", "write:data", "register"]
+_READER_SCOPES = ["read:metadata", "read:data"]
+
+
+def site_writer(site: Site) -> str:
+    """The name of ``site``'s own Tiled writer (its key file is ``tiled_writer-<site>_key``)."""
+    return f"writer-{site}"
+
+
+#: The keys `server up` issues when auth is on, each for its own service principal: one writer per
+#: site (its workers and their flow runs hold only that one, so one site's key can be revoked
+#: without touching the others), a writer for operators' commands (replay, reconcile) and a
+#: reader for dashboards and users.
 TILED_KEY_SCOPES = {
-    # "register": link detector files written outside Tiled (stream resources) to the catalog.
-    "writer": ["read:metadata", "read:data", "create:node", "write:metadata", "write:data", "register"],
-    "reader": ["read:metadata", "read:data"],
+    "writer": _WRITER_SCOPES,
+    **{site_writer(site): _WRITER_SCOPES for site in SITES},
+    "reader": _READER_SCOPES,
 }
 #: Tiled role of each key's service principal: a key's scopes must be a subset of its role's, and
 #: only Tiled's "admin" role has "register" (the key itself carries none of the admin scopes).
-TILED_KEY_ROLES = {"writer": "admin", "reader": "user"}
+TILED_KEY_ROLES = {name: ("user" if name == "reader" else "admin") for name in TILED_KEY_SCOPES}
 
 
 def _secret_file(settings: Settings, name: str, make) -> str:
@@ -173,10 +185,9 @@ def tiled_key(settings: Settings, role: str = "writer") -> str:
 
 
 def provision_tiled_keys(settings: Settings) -> dict[str, str]:
-    """Auth on: issue (once) a writer and a reader API key, each for its own service principal.
+    """Auth on: issue (once) the keys of :data:`TILED_KEY_SCOPES`, each for its own service principal.
 
-    Logs in as ``corrflow-admin``, creates a service principal per role and a key with that role's
-    scopes; keys are kept (0600) under ``<data_root>/server`` and re-used while the server accepts them.
+    Logs in as ``corrflow-admin``, creates a service principal per key and a key with its scopes; keys are kept (0600) under ``<data_root>/server`` and re-used while the server accepts them.
     """
     base = tiled_url(settings).rstrip("/") + "/api/v1"
     keys: dict[str, str] = {}
@@ -191,13 +202,7 @@ def provision_tiled_keys(settings: Settings) -> dict[str, str]:
                     continue
                 path.unlink()  # issued by an earlier server whose database is gone
             if admin_token is None:
-                login = http.post(
-                    f"{base}/auth/provider/local/token",
-                    data={"username": TILED_ADMIN, "password": secret_value(settings.server.tiled_admin_password)},
-                )
-                if login.status_code != 200:
-                    raise ServerError(f"Tiled admin login failed ({login.status_code}): {login.text[:200]}")
-                admin_token = login.json()["access_token"]
+                admin_token = _tiled_admin_token(http, base, settings)
             headers = {"Authorization": f"Bearer {admin_token}"}
             principal = http.post(f"{base}/auth/principal", params={"role": TILED_KEY_ROLES[role]}, headers=headers)
             if principal.status_code != 200:
@@ -218,11 +223,49 @@ def provision_tiled_keys(settings: Settings) -> dict[str, str]:
     return keys
 
 
-def production_settings(settings: Settings) -> Settings:
-    """The settings every production process uses: Prefect API and Tiled URL/key filled in."""
+def _tiled_admin_token(http: httpx.Client, base: str, settings: Settings) -> str:
+    login = http.post(
+        f"{base}/auth/provider/local/token",
+        data={"username": TILED_ADMIN, "password": secret_value(settings.server.tiled_admin_password)},
+    )
+    if login.status_code != 200:
+        raise ServerError(f"Tiled admin login failed ({login.status_code}): {login.text[:200]}")
+    return login.json()["access_token"]
+
+
+def revoke_tiled_key(settings: Settings, name: str) -> None:
+    """Revoke the Tiled key ``name`` (``writer-beamline``, ``reader``, ...) on the server and forget
+    it; the next ``server up`` issues a new one. Needs the admin password (``server.*`` settings)."""
+    if name not in TILED_KEY_SCOPES:
+        raise ServerError(f"no Tiled key named {name!r}: one of {', '.join(TILED_KEY_SCOPES)}")
+    path = server_dir(settings) / f"tiled_{name}_key"
+    if not path.exists():
+        raise ServerError(f"no Tiled {name} key at {path}")
+    key = path.read_text().strip()
+    base = tiled_url(settings).rstrip("/") + "/api/v1"
+    with httpx.Client(timeout=10.0) as http:
+        whoami = http.get(f"{base}/auth/whoami", headers={"Authorization": f"Apikey {key}"})
+        if whoami.status_code == 200:
+            token = _tiled_admin_token(http, base, settings)
+            revoked = http.delete(
+                f"{base}/auth/principal/{whoami.json()['uuid']}/apikey",
+                params={"first_eight": key[:8]},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            if revoked.status_code not in (200, 204):
+                raise ServerError(f"Tiled {name} key not revoked ({revoked.status_code}): {revoked.text[:200]}")
+    path.unlink()
+
+
+def production_settings(settings: Settings, site: Site | None = None) -> Settings:
+    """The settings every production process uses: Prefect API and Tiled URL/key filled in.
+
+    With ``site``, the Tiled key is that site's own writer key (a worker of that site and its flow
+    runs); without, the operators' writer key (commands run by a person).
+    """
     catalog_update: dict[str, Any] = {"url": tiled_url(settings)}
     if not settings.catalog.api_key:
-        catalog_update["api_key"] = SecretStr(tiled_key(settings, "writer"))
+        catalog_update["api_key"] = SecretStr(tiled_key(settings, site_writer(site) if site else "writer"))
     return settings.model_copy(
         update={
             "prefect": settings.prefect.model_copy(update={"api_url": prefect_api_url(settings)}),
@@ -282,30 +325,31 @@ def prefect_server_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def client_settings(settings: Settings) -> Settings:
+def client_settings(settings: Settings, site: Site | None = None) -> Settings:
     """What a worker, a flow run or the CLI gets: the production settings without the servers' own
     secrets (the Tiled admin password, a PostgreSQL password of the servers' databases).
 
-    A client keeps the Prefect credential (Prefect's server has one basic-auth credential for every
-    client) and the Tiled writer key (read, write, create, register; it cannot issue keys or log
-    in as the admin).
+    A client keeps the Prefect credential (Prefect's open-source server has one basic-auth
+    credential for every client) and one Tiled writer key (read, write, create, register; it
+    cannot issue keys or log in as the admin): ``site``'s own, or the operators' without a site.
     """
-    prod = production_settings(settings)
+    prod = production_settings(settings, site)
     server = prod.server.model_copy(
         update={"tiled_admin_password": None, "postgres_url": re.sub(r"(://[^/:@]+):[^@/]*@", r"\1@", prod.server.postgres_url)}
     )
     return prod.model_copy(update={"server": server})
 
 
-def client_environment(settings: Settings) -> dict[str, str]:
-    """Environment of any process that talks to the production servers (workers, the CLI, flows)."""
+def client_environment(settings: Settings, site: Site | None = None) -> dict[str, str]:
+    """Environment of any process that talks to the production servers (workers, the CLI, flows);
+    a worker of ``site`` gets that site's settings file (:func:`write_settings_file`)."""
     env = {
         "PREFECT_API_URL": prefect_api_url(settings),
         "PREFECT_HOME": str(settings.prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": str(settings.server.worker_query_seconds),
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.server.heartbeat_s),
-        CONFIG_ENV_VAR: str(write_settings_file(client_settings(settings))),
+        CONFIG_ENV_VAR: str(write_settings_file(client_settings(settings, site), site)),
     }
     if settings.server.prefect_auth_string:
         env["PREFECT_API_AUTH_STRING"] = secret_value(settings.server.prefect_auth_string)
@@ -314,15 +358,21 @@ def client_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def write_settings_file(settings: Settings) -> Path:
+def settings_file_path(settings: Settings, site: Site | None = None) -> Path:
+    """``<data_root>/server/corrflow-production.yaml`` (operators, the CLI, the queue's dispatcher),
+    or ``corrflow-production-<site>.yaml`` for a site's workers."""
+    return server_dir(settings) / (f"corrflow-production-{site}.yaml" if site else "corrflow-production.yaml")
+
+
+def write_settings_file(settings: Settings, site: Site | None = None) -> Path:
     """Write the settings a client validates as YAML (0600: it holds a key); returns its path.
 
-    Workers and their flow runs read this one file (``CORRFLOW_CONFIG``), so every process of a
+    A site's workers and their flow runs read one file (``CORRFLOW_CONFIG``), so every process of a
     deployment validates the same settings. Give it :func:`client_settings`, never the servers' own.
     """
     if secret_value(settings.server.tiled_admin_password):
         raise ServerError("refusing to write the Tiled admin password into a client settings file (use client_settings)")
-    path = server_dir(settings) / "corrflow-production.yaml"
+    path = settings_file_path(settings, site)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = settings_document(settings)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
@@ -461,7 +511,7 @@ def start_tiled_server(settings: Settings, *, timeout_s: float = 90.0) -> Manage
 
 def start_worker(settings: Settings, site: Site, *, name: str | None = None) -> ManagedProcess:
     """A process worker on the site's pool; its flow runs inherit the production settings file."""
-    env = _clean_environment(client_environment(settings))
+    env = _clean_environment(client_environment(settings, site))
     pool = settings.work_pool(site)
     command = [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name or f"corrflow-{site}"]
     return _spawn(f"worker-{site}", command, env, server_dir(settings) / "logs")
@@ -529,7 +579,6 @@ def local_facility(settings: Settings) -> Iterator[LocalFacility]:
     """
     from corrflow.operations.deploy import bootstrap
     from corrflow.operations.sim_facility import free_port
-    from corrflow.config.settings import SITES
 
     server = settings.server.model_copy(update={"host": "127.0.0.1", "prefect_port": free_port(), "tiled_port": free_port()})
     facility_settings = settings.model_copy(update={"server": server})
