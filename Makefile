@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; \
 		else echo "note: install openssh-server for the SFTP transfer tests"; fi; }
+	@# The TLS test puts Debian's caddy in front of the servers, as the runbook's reverse proxy.
+	@command -v caddy >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy; \
+		else echo "note: install caddy for the TLS proxy test"; fi; }
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[test]"

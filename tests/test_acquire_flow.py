@@ -60,8 +60,9 @@ def test_the_chain_space_counts_frames_transfer_and_volume_on_each_storage_and_t
 
 @pytest.mark.fault("disk full")
 def test_a_scan_whose_chain_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    """The file system is made to look nearly full (the free-space figure is patched: a real full disk
-    cannot be made here without root): the frames alone would fit, their transfer and volume would not."""
+    """The file system is made to look nearly full (the free-space figure is patched; a storage that
+    really fills up mid-scan is in test_disk_full.py): the frames alone would fit, their transfer and
+    volume would not."""
     import corrflow.plans.preflight as preflight
     from corrflow.flows.acquire import StorageSpaceError, chain_bytes_by_site
 

@@ -126,6 +126,16 @@ def _in_process_context(settings: Settings) -> Any:
         return _contexts[key]
 
 
+def tls_verify(settings: Settings) -> Any:
+    """What an HTTPS client of the servers verifies against: the facility's CA
+    (``server.ca_file``) or, without one, the system's store (``True``)."""
+    if settings.server.ca_file is None:
+        return True
+    import ssl
+
+    return ssl.create_default_context(cafile=str(settings.server.ca_file))
+
+
 @contextlib.contextmanager
 def open_catalog(settings: Settings) -> Iterator[Catalog]:
     """Yield the catalog's clients; closes what it opened on exit.
@@ -142,7 +152,7 @@ def open_catalog(settings: Settings) -> Iterator[Catalog]:
         from corrflow.catalog.spool import CatalogUnavailableError
 
         try:
-            root = from_uri(settings.catalog.url, api_key=secret_value(settings.catalog.api_key))
+            root = from_uri(settings.catalog.url, api_key=secret_value(settings.catalog.api_key), verify=tls_verify(settings))
         except httpx.TransportError as exc:
             raise CatalogUnavailableError(
                 f"the catalog at {settings.catalog_address} does not answer ({type(exc).__name__}: {exc}); nothing was acquired"

@@ -289,6 +289,11 @@ class ServerSettings(_Section):
         description="Password of Tiled's 'corrflow-admin' account, used only by `corrflow server up` to issue "
         "the scoped API keys; required there when auth is on, never given to a worker (a secret)",
     )
+    ca_file: Path | None = Field(
+        None,
+        description="CA certificate (PEM) that signed the certificate of the TLS proxy in front of the servers "
+        "(a facility's private CA); every client verifies both servers against it. Default: the system's store",
+    )
     worker_query_seconds: float = Field(
         2.0, gt=0, description="PREFECT_WORKER_QUERY_SECONDS for workers: trigger-to-run latency"
     )

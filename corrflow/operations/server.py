@@ -37,7 +37,7 @@ import httpx
 import yaml
 from pydantic import SecretStr
 
-from corrflow.catalog.tiled import catalog_config
+from corrflow.catalog.tiled import catalog_config, tls_verify
 from corrflow.config.settings import SITES, CONFIG_ENV_VAR, ENV_PREFIX, CatalogSettings, Settings, Site, secret_value, settings_document
 
 
@@ -191,7 +191,7 @@ def provision_tiled_keys(settings: Settings) -> dict[str, str]:
     """
     base = tiled_url(settings).rstrip("/") + "/api/v1"
     keys: dict[str, str] = {}
-    with httpx.Client(timeout=10.0) as http:
+    with httpx.Client(timeout=10.0, verify=tls_verify(settings)) as http:
         admin_token: str | None = None
         for role, scopes in TILED_KEY_SCOPES.items():
             path = server_dir(settings) / f"tiled_{role}_key"
@@ -243,7 +243,7 @@ def revoke_tiled_key(settings: Settings, name: str) -> None:
         raise ServerError(f"no Tiled {name} key at {path}")
     key = path.read_text().strip()
     base = tiled_url(settings).rstrip("/") + "/api/v1"
-    with httpx.Client(timeout=10.0) as http:
+    with httpx.Client(timeout=10.0, verify=tls_verify(settings)) as http:
         whoami = http.get(f"{base}/auth/whoami", headers={"Authorization": f"Apikey {key}"})
         if whoami.status_code == 200:
             token = _tiled_admin_token(http, base, settings)
@@ -355,6 +355,9 @@ def client_environment(settings: Settings, site: Site | None = None) -> dict[str
         env["PREFECT_API_AUTH_STRING"] = secret_value(settings.server.prefect_auth_string)
     if settings.server.auth_enabled:
         env["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "true"
+    if settings.server.ca_file is not None:
+        # Prefect's client reads its own setting; httpx (under Tiled's client, in any process) the other.
+        env["PREFECT_API_SSL_CERT_FILE"] = env["SSL_CERT_FILE"] = str(settings.server.ca_file)
     return env
 
 
@@ -555,6 +558,8 @@ def prefect_client(settings: Settings) -> Iterator[None]:
         updates[ps.PREFECT_API_AUTH_STRING] = secret_value(settings.server.prefect_auth_string)
     if settings.server.auth_enabled:
         updates[ps.PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = True
+    if settings.server.ca_file is not None:
+        updates[ps.PREFECT_API_SSL_CERT_FILE] = str(settings.server.ca_file)
     with ps.temporary_settings(updates=updates):
         yield
 
