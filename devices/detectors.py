@@ -63,7 +63,7 @@ class XrayDetector(StreamingDetector):
     """
 
     frame_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)
-    fly_attribute_keys: ClassVar[dict[str, tuple[str, str]]] = {
+    frame_attribute_keys: ClassVar[dict[str, tuple[str, str]]] = {
         "rotation_angle": ("RotationAngle", "deg"),
         "x_translation": ("SampleX", "um"),
         "y_translation": ("SampleY", "um"),
@@ -72,6 +72,8 @@ class XrayDetector(StreamingDetector):
         "temperature": ("SampleTemperature", "K"),
         "timestamp": ("TimeStamp", "s"),
     }
+    # Each projection's event carries the angle of its own exposure, as the camera recorded it.
+    step_attribute_suffixes: ClassVar[tuple[str, ...]] = ("rotation_angle",)
 
     image_key = Cpt(ConfigSignal, value=IMAGE_KEY_PROJECTION, kind="normal", check=_check_image_key)
     saturated_px = Cpt(ReadbackSignal, value=0, kind="normal", units="px")
@@ -127,7 +129,7 @@ class XrayDetector(StreamingDetector):
             "shutter_open": self._shutter.is_open,
         }
 
-    def _fly_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    def _frame_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         # A frame taken while the stage moves integrates over the path; it is simulated at the
         # middle of the exposure, and that geometry is what the frame's attributes record.
         inputs = {key: 0.5 * (start[key] + end[key]) for key in ("angle_deg", "x_um", "y_um", "z_um")}

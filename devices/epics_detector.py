@@ -14,13 +14,16 @@ plugin (:class:`HDF5FilePlugin`) of EPICS areaDetector, and the bluesky interfac
   yields one ``stream_resource`` per file (``file://localhost<FullFileName_RBV>``, dataset
   ``/entry/data/data``) and one ``stream_datum`` per event, for the frame of the latest
   trigger (a frame left behind by a trigger whose event was never saved, e.g. when a suspended
-  run rewinds, stays in the file and is not announced);
+  run rewinds, stays in the file and is not announced); the NDAttributes of
+  ``step_attribute_suffixes`` (the X-ray camera: the rotation angle and ring current of the
+  frame's own exposure) are announced with the frame, as stream data keys of their own;
 - ``unstage()`` clears ``Capture``, which closes the file.
 
 Fly scans (``prepare({"num_frames": n, "period_s": p})`` before ``stage()``, then
-``kickoff``/``complete``/``collect_asset_docs``) acquire ``n`` frames at a fixed period; the IOC records each frame's NDAttributes (rotation angle
-and translations for the X-ray camera) in ``/entry/instrument/NDAttributes``, announced as further
-stream data keys (``{name}_rotation_angle``, ...).
+``kickoff``/``complete``/``collect_asset_docs``) acquire ``n`` frames at a fixed period. The IOC
+records every frame's NDAttributes (rotation angle, translations, ring current, ... for the X-ray
+camera) in ``/entry/instrument/NDAttributes``, step and fly scans alike; a fly scan announces all
+of them as further stream data keys (``{name}_rotation_angle``, ...).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from ophyd import Component as Cpt
 from ophyd import Device
 from ophyd.status import DeviceStatus, Status, SubscriptionStatus
 
-from corrflow.devices.detectors import IMAGE_KEY_PROJECTION, _check_image_key
+from corrflow.devices.detectors import IMAGE_KEY_PROJECTION, XrayDetector, _check_image_key
 from corrflow.devices.epics_base import (
     WRITE_TIMEOUT_S,
     Command,
@@ -49,8 +52,9 @@ from corrflow.devices.epics_base import (
     set_all,
 )
 from corrflow.devices.hdf5_stream import FlyRequest, fly_request
+from corrflow.devices.microscope import MicroscopeDetector
 from corrflow.devices.signals import ConfigSignal
-from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, stream_asset_docs
+from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, announced_attributes, attribute_descriptions, stream_asset_docs
 
 __all__ = [
     "ATTRIBUTES_PATH",
@@ -130,8 +134,11 @@ class EpicsAreaDetector(Device):
     ``cam1:AcquireTime``, s), ``cam`` and ``hdf`` (the areaDetector PVs).
     """
 
-    fly_attribute_keys: ClassVar[Mapping[str, tuple[str, str]]] = {}
-    """NDAttributes announced as stream data keys in fly scans: ``{suffix: (attribute, units)}``."""
+    frame_attribute_keys: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    """NDAttributes the IOC writes with every frame, announced as stream data keys: all of them in
+    fly scans, :attr:`step_attribute_suffixes` in step scans: ``{suffix: (attribute, units)}``."""
+    step_attribute_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Attributes a step scan's event takes from the frame (the state of its own exposure)."""
 
     cam = Cpt(CamDriver, "cam1:")
     hdf = Cpt(HDF5FilePlugin, "HDF1:")
@@ -385,17 +392,13 @@ class EpicsAreaDetector(Device):
     def describe_collect(self) -> dict[str, dict[str, Any]]:
         """Data keys of a fly scan: the image and the per-frame NDAttributes (all external)."""
         rows, cols = self.frame_shape_px
-        keys = {self.image_data_key: self._image_key_description(rows, cols)}
-        for suffix, (attribute, units) in self.fly_attribute_keys.items():
-            keys[f"{self.name}_{suffix}"] = {
-                "source": f"PV:{self.hdf.prefix}NDAttributes:{attribute}",
-                "dtype": "number",
-                "dtype_numpy": "<f8",
-                "shape": [],
-                "units": units,
-                "external": "STREAM:",
-            }
-        return keys
+        return {self.image_data_key: self._image_key_description(rows, cols), **self._attribute_descriptions(fly=True)}
+
+    def _announced_attributes(self, *, fly: bool) -> dict[str, tuple[str, str]]:
+        return announced_attributes(self.frame_attribute_keys, self.step_attribute_suffixes, fly=fly)
+
+    def _attribute_descriptions(self, *, fly: bool) -> dict[str, dict[str, Any]]:
+        return attribute_descriptions(self.name, self._announced_attributes(fly=fly), source_prefix=f"PV:{self.hdf.prefix}NDAttributes:")
 
     # -- documents -------------------------------------------------------------------------------
     def _image_key_description(self, rows: int, cols: int) -> dict[str, Any]:
@@ -412,6 +415,8 @@ class EpicsAreaDetector(Device):
         description = super().describe()
         rows, cols = self.frame_shape_px
         description[self.image_data_key] = self._image_key_description(rows, cols)
+        # The frame's own NDAttributes, as the IOC wrote them with it (not a read after the exposure).
+        description.update(self._attribute_descriptions(fly=False))
         return description
 
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, StreamResource | StreamDatum]]:
@@ -438,9 +443,8 @@ class EpicsAreaDetector(Device):
             if announce_resources:
                 self._resource_announced = True
                 self._resource_uids = {self.image_data_key: str(uuid4())}
-                if fly:
-                    for suffix in self.fly_attribute_keys:
-                        self._resource_uids[f"{self.name}_{suffix}"] = str(uuid4())
+                for suffix in self._announced_attributes(fly=fly):
+                    self._resource_uids[f"{self.name}_{suffix}"] = str(uuid4())
             resource_uids = dict(self._resource_uids)
             datum_number = self._datum_count
             if stop > start:
@@ -448,7 +452,7 @@ class EpicsAreaDetector(Device):
                 self._datum_count += 1
         datasets = {self.image_data_key: DATASET_PATH}
         chunks = {self.image_data_key: [1, rows, cols]}
-        for suffix, (attribute, _units) in self.fly_attribute_keys.items():
+        for suffix, (attribute, _units) in self.frame_attribute_keys.items():
             datasets[f"{self.name}_{suffix}"] = f"{ATTRIBUTES_PATH}/{attribute}"
             chunks[f"{self.name}_{suffix}"] = [256]
         if stop > start:
@@ -479,15 +483,10 @@ class EpicsXrayDetector(EpicsAreaDetector):
     sample), ``energy_keV`` (config, keV), ``distance_mm`` (config, mm) from ``optics:``.
     """
 
-    fly_attribute_keys = {
-        "rotation_angle": ("RotationAngle", "deg"),
-        "x_translation": ("SampleX", "um"),
-        "y_translation": ("SampleY", "um"),
-        "z_translation": ("SampleZ", "um"),
-        "shutter_open": ("ShutterOpen", ""),
-        "temperature": ("SampleTemperature", "K"),
-        "timestamp": ("TimeStamp", "s"),
-    }
+    # The simulated camera's attributes, and the ring current the IOC reads for each exposure (the
+    # in-process simulation has no source: its flux is constant).
+    frame_attribute_keys = {**XrayDetector.frame_attribute_keys, "ring_current": ("RingCurrent", "mA")}
+    step_attribute_suffixes = (*XrayDetector.step_attribute_suffixes, "ring_current")
 
     image_key = Cpt(ConfigSignal, value=IMAGE_KEY_PROJECTION, kind="normal", check=_check_image_key)
     pixel_size_um = Readback("optics:PixelSize_RBV", kind="config")
@@ -504,6 +503,6 @@ class EpicsMicroscopeDetector(EpicsAreaDetector):
     ``microscope_stage`` frame).
     """
 
-    fly_attribute_keys = {"stage_x": ("StageX", "um"), "stage_y": ("StageY", "um")}
+    frame_attribute_keys = MicroscopeDetector.frame_attribute_keys  # one definition, shared with the simulated one
 
     pixel_size_um = Readback("optics:PixelSize_RBV", kind="config")

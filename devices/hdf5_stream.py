@@ -35,7 +35,14 @@ from ophyd.status import DeviceStatus
 
 from corrflow.devices.clock import SimClock
 from corrflow.devices.signals import ConfigSignal, ReadbackSignal, positive_finite
-from corrflow.devices.stream_assets import ATTRIBUTES_PATH, DATASET_PATH, HDF5_MIMETYPE, stream_asset_docs
+from corrflow.devices.stream_assets import (
+    ATTRIBUTES_PATH,
+    DATASET_PATH,
+    HDF5_MIMETYPE,
+    announced_attributes,
+    attribute_descriptions,
+    stream_asset_docs,
+)
 from corrflow.formats.hdf5_frames import HDF5FrameWriter
 
 __all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "HDF5FrameWriter", "StreamingDetector", "fly_request", "new_uid"]
@@ -107,8 +114,13 @@ class StreamingDetector(Device):
     """
 
     frame_dtype: ClassVar[np.dtype] = np.dtype(np.uint16)
-    fly_attribute_keys: ClassVar[Mapping[str, tuple[str, str]]] = {}
-    """Per-frame values recorded in fly scans: ``{data key suffix: (NDAttribute name, units)}``."""
+    frame_attribute_keys: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    """Per-frame values the detector writes with every frame, step and fly scans alike:
+    ``{data key suffix: (NDAttribute name, units)}``. A fly scan announces them all as data keys
+    ``{name}_{suffix}``; a step scan the :attr:`step_attribute_suffixes` (the rest its event reads
+    from the devices themselves, which stand still while it exposes)."""
+    step_attribute_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Attributes a step scan's event takes from the frame (the state of its own exposure)."""
 
     frame_number = Cpt(ReadbackSignal, value=0, kind="normal")
     exposure_s = Cpt(ConfigSignal, value=0.1, kind="config", units="s", check=positive_finite)
@@ -147,7 +159,7 @@ class StreamingDetector(Device):
         self._fly_period_s = 0.0
         self._fly_start: tuple[Any, float] | None = None
         self._fly_status: DeviceStatus | None = None
-        self._fly_uids: dict[str, str] = {}
+        self._attribute_uids: dict[str, str] = {}
         self.last_file_path: Path | None = None
 
     # -- facts ------------------------------------------------------------------------------
@@ -182,19 +194,17 @@ class StreamingDetector(Device):
         staged = super().stage()  # raises RedundantStaging if already staged
         request = self._fly_request
         try:
-            if request is None:
-                self._open_writer(attribute_names=())
-            else:
-                self._open_writer(attribute_names=tuple(attribute for attribute, _ in self.fly_attribute_keys.values()))
+            self._open_writer(attribute_names=tuple(attribute for attribute, _ in self.frame_attribute_keys.values()))
         except BaseException:
             super().unstage()
             raise
         with self._lock:
+            # Every frame's attributes are in the file; these are announced with it.
+            self._attribute_uids = {f"{self.name}_{suffix}": new_uid() for suffix in self._announced_attributes(fly=request is not None)}
             if request is None:
-                self._fly_frames, self._fly_uids = None, {}
+                self._fly_frames = None
             else:
                 self._fly_frames, self._fly_period_s, self._fly_start = request
-                self._fly_uids = {f"{self.name}_{suffix}": new_uid() for suffix in self.fly_attribute_keys}
         return staged
 
     def _open_writer(self, *, attribute_names: tuple[str, ...]) -> None:
@@ -219,7 +229,7 @@ class StreamingDetector(Device):
             writer, self._writer = self._writer, None
             self._fly_frames = None
             self._fly_request = None
-            self._fly_uids = {}
+            self._attribute_uids = {}
         if writer is not None:
             writer.close()
         return super().unstage()
@@ -257,11 +267,15 @@ class StreamingDetector(Device):
     def _acquire(self, exposure_s: float, inputs: dict[str, Any], status: DeviceStatus) -> None:
         try:
             self._clock.sleep(exposure_s)
+            # A step scan's frame: the stage stands still, so the exposure starts and ends in the
+            # state read when it was triggered; its attributes are written with it.
+            inputs, attributes = self._frame_inputs(inputs, inputs)
             frame = self._acquire_frame(exposure_s=exposure_s, inputs=inputs)
+            attributes = {**attributes, "TimeStamp": time.time(), "AcquireTime": exposure_s}
             with self._lock:
                 if self._writer is None:
                     raise RuntimeError(f"{self.name}: unstaged during an exposure; the frame was not written")
-                n_frames = self._writer.append(frame)
+                n_frames = self._writer.append(frame, {**attributes, "UniqueId": float(self._writer.n_frames + 1)})
         except BaseException as exc:  # the status carries the error to whoever waits on it
             with self._lock:
                 self._acquiring = False
@@ -279,6 +293,7 @@ class StreamingDetector(Device):
 
     # -- documents -----------------------------------------------------------------------------
     def describe(self) -> dict[str, dict[str, Any]]:
+        """The readings of a step scan's event: the image and the frame's own attributes (external)."""
         description = super().describe()
         rows, cols = self._frame_shape
         description[self.image_data_key] = {
@@ -289,15 +304,23 @@ class StreamingDetector(Device):
             "dims": ["row", "column"],
             "external": "STREAM:",
         }
+        description.update(self._attribute_descriptions(fly=False))
         return description
+
+    def _announced_attributes(self, *, fly: bool) -> dict[str, tuple[str, str]]:
+        return announced_attributes(self.frame_attribute_keys, self.step_attribute_suffixes, fly=fly)
+
+    def _attribute_descriptions(self, *, fly: bool) -> dict[str, dict[str, Any]]:
+        return attribute_descriptions(self.name, self._announced_attributes(fly=fly), source_prefix=f"SIM:{self.name}:")
 
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, StreamResource | StreamDatum]]:
         """Yield the stream resource(s) of the open file once, then a datum for new frames.
 
         A step scan announces the frame of the latest trigger only (one frame per event, as
         :class:`~corrflow.devices.epics_detector.EpicsAreaDetector`); a frame left behind by a
-        suspension is never announced. In a fly scan (``prepare`` with frames, then ``stage``) the per-frame attributes are announced too,
-        each as a data key ``{name}_{suffix}`` of :attr:`fly_attribute_keys`.
+        suspension is never announced. A fly scan (``prepare`` with frames, then ``stage``)
+        announces every frame written since the last call. The frames' own attributes are
+        announced with them, each as a data key ``{name}_{suffix}`` of :attr:`frame_attribute_keys`.
 
         Parameters
         ----------
@@ -323,11 +346,11 @@ class StreamingDetector(Device):
             if written > start:
                 self._frames_announced = written
                 self._datum_count += 1
-            uids = {self.image_data_key: self._stream_resource_uid, **self._fly_uids}
+            uids = {self.image_data_key: self._stream_resource_uid, **self._attribute_uids}
         rows, cols = self._frame_shape
         datasets = {self.image_data_key: DATASET_PATH}
         chunks = {self.image_data_key: [1, rows, cols]}
-        for suffix, (attribute, _units) in self.fly_attribute_keys.items():
+        for suffix, (attribute, _units) in self.frame_attribute_keys.items():
             datasets[f"{self.name}_{suffix}"] = f"{ATTRIBUTES_PATH}/{attribute}"
             chunks[f"{self.name}_{suffix}"] = [256]
         yield from stream_asset_docs(
@@ -342,7 +365,7 @@ class StreamingDetector(Device):
         )
 
     # -- fly scans ---------------------------------------------------------------------------------
-    def _fly_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    def _frame_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """The inputs of a frame exposed between states ``start`` and ``end``, and its attributes."""
         return start, {}
 
@@ -358,7 +381,7 @@ class StreamingDetector(Device):
         value
             ``{"num_frames": n, "period_s": p}``: a fly scan of ``n`` frames started by
             ``kickoff()``, one every ``p`` simulated seconds (``p`` >= the exposure), each
-            recording :attr:`fly_attribute_keys`; ``None``: one frame per ``trigger()``.
+            recording :attr:`frame_attribute_keys`; ``None``: one frame per ``trigger()``.
 
         Raises
         ------
@@ -406,17 +429,7 @@ class StreamingDetector(Device):
 
     def describe_collect(self) -> dict[str, dict[str, Any]]:
         """Data keys of the fly stream: the image and the per-frame attributes (all external)."""
-        keys = {self.image_data_key: self.describe()[self.image_data_key]}
-        for suffix, (attribute, units) in self.fly_attribute_keys.items():
-            keys[f"{self.name}_{suffix}"] = {
-                "source": f"SIM:{self.name}:{attribute}",
-                "dtype": "number",
-                "dtype_numpy": "<f8",
-                "shape": [],
-                "units": units,
-                "external": "STREAM:",
-            }
-        return keys
+        return {self.image_data_key: self.describe()[self.image_data_key], **self._attribute_descriptions(fly=True)}
 
     def _wait_for_start(self, start: tuple[Any, float], armed_s: float) -> float:
         motor, position = start
@@ -443,7 +456,7 @@ class StreamingDetector(Device):
                 clock.sleep(begin_s + exposure_s - clock.now_s())
                 start = self._exposure_inputs_at(begin_s)
                 end = self._exposure_inputs_at(begin_s + exposure_s)
-                inputs, attributes = self._fly_inputs(start, end)
+                inputs, attributes = self._frame_inputs(start, end)
                 attributes = {**attributes, "TimeStamp": time.time(), "UniqueId": float(k + 1), "AcquireTime": exposure_s}
                 frame = self._acquire_frame(exposure_s=exposure_s, inputs=inputs)
                 with self._lock:

@@ -47,7 +47,7 @@ class MicroscopeDetector(StreamingDetector):
     """
 
     frame_dtype: ClassVar[np.dtype] = np.dtype(np.float32)
-    fly_attribute_keys: ClassVar[dict[str, tuple[str, str]]] = {"stage_x": ("StageX", "um"), "stage_y": ("StageY", "um")}
+    frame_attribute_keys: ClassVar[dict[str, tuple[str, str]]] = {"stage_x": ("StageX", "um"), "stage_y": ("StageY", "um")}
 
     pixel_size_um = Cpt(ReadbackSignal, value=0.0, kind="config", units="um")
 
@@ -81,7 +81,7 @@ class MicroscopeDetector(StreamingDetector):
     def _exposure_inputs_at(self, time_s: float) -> dict[str, Any]:
         return {"stage_x_um": float(self._stage.x.position_at(time_s)), "stage_y_um": float(self._stage.y.position_at(time_s))}
 
-    def _fly_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    def _frame_inputs(self, start: dict[str, Any], end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         inputs = {key: 0.5 * (start[key] + end[key]) for key in ("stage_x_um", "stage_y_um")}
         return inputs, {"StageX": inputs["stage_x_um"], "StageY": inputs["stage_y_um"]}
 

@@ -15,9 +15,34 @@ from event_model import StreamDatum, StreamRange, StreamResource
 
 from corrflow.formats.hdf5_frames import ATTRIBUTES_PATH, DATASET_PATH
 
-__all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "stream_asset_docs"]
+__all__ = ["ATTRIBUTES_PATH", "DATASET_PATH", "HDF5_MIMETYPE", "announced_attributes", "attribute_descriptions", "stream_asset_docs"]
 
 HDF5_MIMETYPE = "application/x-hdf5"
+
+
+def announced_attributes(
+    frame_attribute_keys: Mapping[str, tuple[str, str]], step_attribute_suffixes: tuple[str, ...], *, fly: bool
+) -> dict[str, tuple[str, str]]:
+    """The per-frame attributes a scan announces as data keys: all of them in a fly scan; in a step
+    scan those its event takes from the frame (the rest it reads from devices that stand still)."""
+    if fly:
+        return dict(frame_attribute_keys)
+    return {suffix: frame_attribute_keys[suffix] for suffix in step_attribute_suffixes}
+
+
+def attribute_descriptions(name: str, attributes: Mapping[str, tuple[str, str]], *, source_prefix: str) -> dict[str, dict]:
+    """Data keys ``{name}_{suffix}`` of per-frame attributes (external numbers, one per frame)."""
+    return {
+        f"{name}_{suffix}": {
+            "source": f"{source_prefix}{attribute}",
+            "dtype": "number",
+            "dtype_numpy": "<f8",
+            "shape": [],
+            "units": units,
+            "external": "STREAM:",
+        }
+        for suffix, (attribute, units) in attributes.items()
+    }
 
 
 def stream_asset_docs(

@@ -162,7 +162,10 @@ def test_beam_dump_at_point_10_of_50_is_catalogued_with_50_unique_events_and_the
     files = with_view_sources(external_file_paths(run))
     assert detector_file in files
     views = [p for p in files if view_sources(p)]
-    assert [view_sources(p) for p in views] == [[detector_file]]
+    # One view per announced data key of the file: the image and the angle the camera recorded.
+    assert [view_sources(p) for p in views] == [[detector_file], [detector_file]]
+    # Each event's angle is the one the camera wrote with that frame, re-taken frames included.
+    np.testing.assert_allclose(np.asarray(primary["xray_detector_rotation_angle"].read()), angles, atol=1e-9)
     # Dark and flat streams: one frame each, catalogued as they were.
     for stream in ("dark", "flat"):
         assert np.asarray(run[stream]["seq_num"].read()).tolist() == [1]

@@ -203,7 +203,10 @@ def test_detector_describes_image_as_stream_and_reads_only_scalars(beamline):
         "external": "STREAM:",
     }
     assert key not in detector.read()
-    assert set(detector.read()) == set(description) - {key}
+    # The frame's own angle comes from the file, as the image does (the camera writes it).
+    angle = "xray_detector_rotation_angle"
+    assert description[angle]["external"] == "STREAM:" and description[angle]["units"] == "deg"
+    assert set(detector.read()) == set(description) - {key, angle}
     config = detector.read_configuration()
     assert config["xray_detector_pixel_size_um"]["value"] == 8.0
     assert config["xray_detector_energy_keV"]["value"] == 25.0
@@ -220,8 +223,9 @@ def test_detector_writes_frames_and_stream_documents(beamline, tmp_path):
     assert detector.get_index() == 3
     assert detector.read()["xray_detector_frame_number"]["value"] == 3
     docs = list(detector.collect_asset_docs())
-    assert [name for name, _ in docs] == ["stream_resource", "stream_datum"]
-    resource, datum = docs[0][1], docs[1][1]
+    assert [name for name, _ in docs] == ["stream_resource", "stream_resource", "stream_datum", "stream_datum"]
+    assert [doc["data_key"] for _, doc in docs[:2]] == ["xray_detector_image", "xray_detector_rotation_angle"]
+    resource, datum = docs[0][1], docs[2][1]
     rows, cols = detector.frame_shape_px
     assert resource["mimetype"] == "application/x-hdf5"
     assert resource["uri"] == f"file://localhost{path}"
@@ -238,7 +242,7 @@ def test_detector_writes_frames_and_stream_documents(beamline, tmp_path):
         assert f[DATASET_PATH].shape == (3, rows, cols)
     detector.trigger().wait(timeout=5)
     later = list(detector.collect_asset_docs())
-    assert [name for name, _ in later] == ["stream_datum"]
+    assert [name for name, _ in later] == ["stream_datum", "stream_datum"]
     assert later[0][1]["indices"] == {"start": 3, "stop": 4}
     assert later[0][1]["uid"] == f"{resource['uid']}/1"
     assert list(detector.collect_asset_docs()) == []

@@ -179,12 +179,16 @@ def test_detector_writes_frames_of_the_sample_at_the_stage_angle(beamline):
         path = detector.last_file_path
     finally:
         detector.unstage()
-    names = [name for name, _ in documents]
-    assert names == ["stream_resource", "stream_datum", "stream_datum", "stream_datum"]
-    resource = documents[0][1]
+    # The image, and the angle and ring current the IOC wrote with each frame: one resource each,
+    # then one datum each per frame.
+    resources = [doc for name, doc in documents if name == "stream_resource"]
+    assert [r["data_key"] for r in resources] == ["xray_detector_image", "xray_detector_rotation_angle", "xray_detector_ring_current"]
+    assert [name for name, _ in documents] == ["stream_resource"] * 3 + ["stream_datum"] * 9
+    resource = resources[0]
     assert resource["uri"] == f"file://localhost{path}"
     assert resource["parameters"]["dataset"] == "/entry/data/data"
-    assert [doc["indices"] for name, doc in documents[1:]] == [{"start": k, "stop": k + 1} for k in range(3)]
+    image_datums = [doc for name, doc in documents if name == "stream_datum" and doc["stream_resource"] == resource["uid"]]
+    assert [doc["indices"] for doc in image_datums] == [{"start": k, "stop": k + 1} for k in range(3)]
 
     frames, attributes = _frames(path)
     assert frames.shape == (3, *detector.frame_shape_px) and frames.dtype == np.uint16

@@ -41,10 +41,14 @@ def _scan(beamline):
 def _normalized_projections(docs):
     """-log((projection - dark) / (flat - dark)) per primary event, with each event's angle."""
     stream_of = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-    paths = {d["uid"]: d["uri"].removeprefix("file://localhost") for n, d in docs if n == "stream_resource"}
+    paths = {
+        d["uid"]: d["uri"].removeprefix("file://localhost")
+        for n, d in docs
+        if n == "stream_resource" and d["data_key"] == "xray_detector_image"
+    }
     frames = {}
     for name, doc in docs:
-        if name == "stream_datum":
+        if name == "stream_datum" and doc["stream_resource"] in paths:
             with h5py.File(paths[doc["stream_resource"]], "r", swmr=True) as f:
                 stream = stream_of[doc["descriptor"]]
                 frames.setdefault(stream, []).append(f["/entry/data/data"][doc["indices"]["start"]].astype(np.float64))
@@ -75,8 +79,9 @@ def test_tomo_scan_on_epics_devices_produces_valid_documents(epics_scan):
     for name, doc in docs:
         schema_validators[DocumentNames[name]].validate(doc)
     n_frames = N_PROJECTIONS + N_DARKS + N_FLATS
+    # Per stream file: the image and the angle and ring current the IOC wrote with each frame.
     assert Counter(name for name, _ in docs) == {
-        "start": 1, "descriptor": 3, "stream_resource": 3, "stream_datum": n_frames, "event": n_frames, "stop": 1
+        "start": 1, "descriptor": 3, "stream_resource": 3 * 3, "stream_datum": n_frames * 3, "event": n_frames, "stop": 1
     }
     assert docs[-1][1]["exit_status"] == "success"
     start = docs[0][1]

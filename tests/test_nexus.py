@@ -224,7 +224,7 @@ def test_a_simulated_scan_converts_to_nxtomo(tmp_path):
     assert scan.metadata["identification"] == start["identification"]
     assert scan.metadata["references"]["source_run_uid"] == start["uid"]
     # The frames are the detector's own, in acquisition order.
-    resources = [d for n, d in docs if n == "stream_resource"]
+    resources = [d for n, d in docs if n == "stream_resource" and d["data_key"] == start["nxtomo"]["image_data_key"]]
     recorded = []
     for resource in resources:
         with h5py.File(resource["uri"].removeprefix("file://localhost"), "r") as f:

@@ -96,11 +96,12 @@ def test_scan_documents_validate_against_event_model_schemas(scan):
         schema_validators[DocumentNames[name]].validate(doc)
     counts = Counter(name for name, _ in docs)
     n_frames = N_DARKS + N_FLATS + len(ANGLES_DEG)
+    # Per stream file: the image and the angle the camera wrote with each frame.
     assert counts == {
         "start": 1,
         "descriptor": 3,
-        "stream_resource": 3,
-        "stream_datum": n_frames,
+        "stream_resource": 3 * 2,
+        "stream_datum": n_frames * 2,
         "event": n_frames,
         "stop": 1,
     }
@@ -118,8 +119,9 @@ def test_each_stream_has_its_own_file_and_contiguous_indices(scan):
     assert len({r["uri"] for r in resources.values()}) == 3
     indices = defaultdict(list)
     resource_of_stream = defaultdict(set)
+    image_resources = {uid for uid, r in resources.items() if r["data_key"] == "xray_detector_image"}
     for name, doc in docs:
-        if name == "stream_datum":
+        if name == "stream_datum" and doc["stream_resource"] in image_resources:
             stream = descriptors[doc["descriptor"]]["name"]
             indices[stream].append((doc["indices"]["start"], doc["indices"]["stop"]))
             resource_of_stream[stream].add(doc["stream_resource"])

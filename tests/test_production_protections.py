@@ -109,6 +109,12 @@ def test_a_beam_dump_mid_scan_suspends_the_production_run_and_no_frame_is_kept_w
         interruptions = _interruptions(run)
         primary = {doc["uid"] for name, doc in run.documents() if name == "descriptor" and doc["name"] == "primary"}
         frame_times = sorted(doc["time"] for name, doc in run.documents() if name == "event" and doc["descriptor"] in primary)
+        # Each kept projection's own exposure, as the camera IOC recorded it with the frame.
+        currents = np.asarray(run["primary"]["xray_detector_ring_current"].read())
+        camera_angles = np.asarray(run["primary"]["xray_detector_rotation_angle"].read())
+    assert currents.shape == (SCAN.num_projections,) and currents.min() >= 100.0, currents.round(1).tolist()
+    np.testing.assert_allclose(camera_angles, np.arange(SCAN.num_projections) * 180.0 / SCAN.num_projections, atol=1e-3)
+    fault_figures["lowest ring current of a kept frame (mA)"] = round(float(currents.min()), 1)
     signal = _projections_all_lit(settings, result)
     assert signal.shape == (SCAN.num_projections,)
     fault_figures["frames kept without beam"] = int((signal <= 0.2).sum())
