@@ -28,11 +28,19 @@ from bluesky.utils import MsgGenerator
 from corrflow.plans.alignment import align_rotation_axis, estimate_align_rotation_axis
 from corrflow.plans.fly import tomo_fly_scan
 from corrflow.plans.insitu import estimate_temperature_series, estimate_time_lapse, temperature_series, time_lapse
-from corrflow.plans.metadata import RegionOfInterest, Sample
+from corrflow.plans.metadata import Sample
 from corrflow.plans.microscopy import micrograph
 from corrflow.plans.mosaic import estimate_micrograph_mosaic, estimate_xray_mosaic, micrograph_mosaic, xray_mosaic
 from corrflow.plans.relocation import estimate_relocate_roi, relocate_roi
-from corrflow.plans.requests import MicrographRequest, PlanRequest, TomoFlyScanRequest, TomoScanRequest
+from corrflow.processing.roi import RegionOfInterest  # the one region type, shared with the kernels
+from corrflow.plans.requests import (
+    AlignRotationAxisRequest,
+    MicrographRequest,
+    PlanRequest,
+    RelocateRoiRequest,
+    TomoFlyScanRequest,
+    TomoScanRequest,
+)
 from corrflow.plans.tomography import tomo_scan
 from corrflow.plans.validation import (
     PlanEstimate,
@@ -95,9 +103,11 @@ PLAN_SPECS: Mapping[str, PlanSpec] = {
     "xray_mosaic": PlanSpec(plan=xray_mosaic, estimate=estimate_xray_mosaic, instrument="beamline"),
     "temperature_series": PlanSpec(plan=temperature_series, estimate=estimate_temperature_series, instrument="beamline"),
     "time_lapse": PlanSpec(plan=time_lapse, estimate=estimate_time_lapse, instrument="beamline"),
-    "align_rotation_axis": PlanSpec(plan=align_rotation_axis, estimate=estimate_align_rotation_axis, instrument="beamline"),
+    "align_rotation_axis": PlanSpec(
+        plan=align_rotation_axis, estimate=estimate_align_rotation_axis, instrument="beamline", request=AlignRotationAxisRequest
+    ),
     "micrograph_mosaic": PlanSpec(plan=micrograph_mosaic, estimate=estimate_micrograph_mosaic, instrument="microscope"),
-    "relocate_roi": PlanSpec(plan=relocate_roi, estimate=estimate_relocate_roi, instrument="microscope"),
+    "relocate_roi": PlanSpec(plan=relocate_roi, estimate=estimate_relocate_roi, instrument="microscope", request=RelocateRoiRequest),
     "micrograph": PlanSpec(plan=micrograph, estimate=estimate_micrograph, instrument="microscope", request=MicrographRequest),
 }
 

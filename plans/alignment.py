@@ -41,7 +41,8 @@ from corrflow.plans.metadata import (
 )
 from corrflow.plans.stubs import frames_at_positions, repeated_frames
 from corrflow.plans.tomography import GEOMETRY_CONVENTIONS
-from corrflow.plans.validation import PlanEstimate, PlanValidationError, validate_tomo_scan
+from corrflow.plans.requests import AlignRotationAxisRequest, TomoScanRequest
+from corrflow.plans.validation import PlanEstimate, PlanValidationError, request_and_context, tomo_devices, tomo_scan_setup
 
 __all__ = ["ALIGNMENT_ANGLES_DEG", "align_rotation_axis", "axis_column_from_opposite_projections", "estimate_align_rotation_axis"]
 
@@ -149,28 +150,24 @@ _RESULT_UNITS = {"axis_column_px": "px", "axis_offset_px": "px", "sample_offset_
 def align_rotation_axis(
     beamline: Beamline,
     *,
-    exposure_s: float,
     sample: Sample | Mapping[str, str],
+    exposure_s: float = 0.05,
     num_darks: int = 2,
     num_flats: int = 2,
     apply: bool = True,
     parent_uids: Sequence[str] = (),
     md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[dict[str, float]]:
-    """Validate and return the alignment plan (see the module docstring).
+    """Validate the arguments and return the alignment plan (see the module docstring).
 
     Parameters
     ----------
     beamline
         A :class:`~corrflow.devices.beamline.Beamline`.
-    exposure_s
-        Exposure of every frame (s, > 0).
     sample
         Identification of the sample.
-    num_darks, num_flats
-        Reference frames (each >= 1).
-    apply
-        Move stage x (axis onto the centre column) and z (sample onto the centre row) afterwards.
+    exposure_s, num_darks, num_flats, apply
+        See :class:`~corrflow.plans.requests.AlignRotationAxisRequest`.
     parent_uids, md
         References and extra metadata.
 
@@ -182,27 +179,42 @@ def align_rotation_axis(
     Raises
     ------
     PlanValidationError
-        On bad arguments, or angles or the flat-field position beyond the soft limits.
+        When called: an argument breaks the request model (no hardware is read). When run: the
+        preflight finds the angles or the flat-field position beyond the soft limits, before any motion.
     """
-    request = validate_tomo_scan(
-        beamline, num_projections=4, exposure_s=exposure_s, sample=sample, start_deg=0.0, rotation_range_deg=360.0,
-        num_darks=num_darks, num_flats=num_flats, parent_uids=parent_uids, md=md,
+    devices = tomo_devices(beamline)
+    arguments = dict(locals())
+    del arguments["beamline"], arguments["devices"]
+    request, context = request_and_context(AlignRotationAxisRequest, "align_rotation_axis", arguments)
+    return _align_rotation_axis_plan(devices, request, context)
+
+
+def _tomography_of(request: AlignRotationAxisRequest) -> TomoScanRequest:
+    """The scan the alignment takes: four projections over a full turn (0, 90, 180, 270 deg)."""
+    return TomoScanRequest(
+        num_projections=len(ALIGNMENT_ANGLES_DEG), exposure_s=request.exposure_s, start_deg=0.0,
+        rotation_range_deg=360.0, num_darks=request.num_darks, num_flats=request.num_flats,
     )
-    if not isinstance(apply, bool):
-        raise PlanValidationError("align_rotation_axis", [f"apply must be True or False, got {apply!r}"])
-    devices = request.devices
+
+
+def _align_rotation_axis_plan(devices: Any, request: AlignRotationAxisRequest, context: Any) -> MsgGenerator[dict[str, float]]:
+    # Preflight, through the RunEngine: the beamline as it is when the plan runs.
+    try:
+        setup = yield from tomo_scan_setup(devices, _tomography_of(request), context)
+    except PlanValidationError as exc:
+        raise PlanValidationError("align_rotation_axis", exc.problems) from None
     stage, detector, shutter = devices.stage, devices.detector, devices.shutter
-    pixel_um = float(detector.pixel_size_um.get())
+    pixel_um = float(setup.state.detector.pixel_size_um)
     parameters = {
-        "exposure_s": request.exposure_s, "num_darks": request.num_darks, "num_flats": request.num_flats, "apply": apply,
-        "angles_deg": list(ALIGNMENT_ANGLES_DEG), "flat_offset_x_um": request.flat_offset_x_um,
-        "detector_pixel_size_um": pixel_um, "detector_shape_px": list(detector.frame_shape_px),
+        "exposure_s": request.exposure_s, "num_darks": request.num_darks, "num_flats": request.num_flats, "apply": request.apply,
+        "angles_deg": list(ALIGNMENT_ANGLES_DEG), "flat_offset_x_um": setup.flat_offset_x_um,
+        "detector_pixel_size_um": pixel_um, "detector_shape_px": list(setup.state.detector.frame_shape_px),
     }
     start_md = build_start_metadata(
-        identification=identification_metadata(request.sample, facility=devices.facility, instrument=devices.instrument),
-        references=references_metadata(frame=devices.frame, parent_uids=request.parent_uids, conventions=GEOMETRY_CONVENTIONS),
+        identification=identification_metadata(context.sample, facility=devices.facility, instrument=devices.instrument),
+        references=references_metadata(frame=devices.frame, parent_uids=context.parent_uids, conventions=GEOMETRY_CONVENTIONS),
         settings=settings_metadata("align_rotation_axis", parameters, units=_UNITS),
-        md=request.md,
+        md=context.md,
         plan_name="align_rotation_axis",
         plan_args=parameters,
         detectors=[detector.name],
@@ -218,13 +230,12 @@ def align_rotation_axis(
 
     def frames() -> MsgGenerator[dict[str, float]]:
         previous = detector.last_file_path
-        x0 = yield from bps.rd(stage.x, default_value=request.initial_x_um)
-        z0 = yield from bps.rd(stage.z, default_value=float(stage.z.position))
+        x0, z0 = setup.initial_x_um, setup.state.z_um
         yield from bps.mv(detector.exposure_s, request.exposure_s)
         yield from bps.mv(shutter, "closed", detector.image_key, IMAGE_KEY_DARK)
         yield from repeated_frames(detector, readables, stream="dark", num_frames=request.num_darks)
         dark_path = detector.last_file_path
-        yield from bps.mv(stage.x, x0 + request.flat_offset_x_um, shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
+        yield from bps.mv(stage.x, x0 + setup.flat_offset_x_um, shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
         yield from repeated_frames(detector, readables, stream="flat", num_frames=request.num_flats)
         flat_path = detector.last_file_path
         yield from bps.mv(stage.x, x0, detector.image_key, IMAGE_KEY_PROJECTION)
@@ -241,12 +252,12 @@ def align_rotation_axis(
         for name, value in values.items():
             yield from bps.mv(results[name], value)
         yield from bps.trigger_and_read(list(results.values()), name="alignment")
-        if apply:
+        if request.apply:
             yield from bps.mv(stage.x, x0 - values["axis_offset_px"] * pixel_um, stage.z, z0 - values["sample_offset_z_um"])
         return values
 
     def restore() -> MsgGenerator[None]:
-        yield from bps.mv(shutter, "closed", stage.rotation, request.initial_rotation_deg)
+        yield from bps.mv(shutter, "closed", stage.rotation, setup.initial_rotation_deg)
 
     found: dict[str, float] = {}
 
@@ -254,11 +265,8 @@ def align_rotation_axis(
     def run() -> MsgGenerator[None]:
         found.update((yield from bpp.finalize_wrapper(frames(), restore())))
 
-    def plan() -> MsgGenerator[dict[str, float]]:
-        yield from run()  # returns the run uid; the plan returns the results
-        return dict(found)
-
-    return plan()
+    yield from run()  # returns the run uid; the plan returns the results
+    return dict(found)
 
 
 def estimate_align_rotation_axis(beamline: Beamline, **kwargs: Any) -> PlanEstimate:

@@ -10,7 +10,6 @@ Values are plain JSON types (transforms as nested lists) so any document store k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,11 +17,11 @@ import numpy as np
 from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from corrflow.processing.roi import RegionOfInterest
 from corrflow.processing.transforms import to_list
 
 __all__ = [
     "RESERVED_KEYS",
-    "RegionOfInterest",
     "Sample",
     "build_start_metadata",
     "identification_metadata",
@@ -57,43 +56,6 @@ class Sample(BaseModel):
     proposal: str = Field("sim-0001", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Proposal (beamtime) id")
     user: str = Field("local-user", min_length=1, max_length=64, description="Person responsible for the run")
     description: str = Field("", max_length=500, description="Free text about the sample")
-
-
-class RegionOfInterest(BaseModel):
-    """A box in a named frame of reference (um).
-
-    Attributes
-    ----------
-    frame
-        Frame the coordinates are in, e.g. ``"beamline_sample"``.
-    center_um
-        Box centre ``(x, y, z)``.
-    size_um
-        Box edge lengths ``(x, y, z)``, each > 0.
-    label
-        What the region is (e.g. ``"pore cluster"``).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    frame: str = Field(min_length=1)
-    center_um: tuple[float, float, float]
-    size_um: tuple[float, float, float]
-    label: str = ""
-
-    @field_validator("center_um", "size_um")
-    @classmethod
-    def _finite(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError("all components must be finite")
-        return value
-
-    @field_validator("size_um")
-    @classmethod
-    def _positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if not all(v > 0 for v in value):
-            raise ValueError("all edge lengths must be > 0")
-        return value
 
 
 def identification_metadata(sample: Sample, *, facility: str, instrument: str) -> dict[str, str]:
@@ -138,7 +100,7 @@ def references_metadata(
         "frame": frame,
         "transforms": {name: to_list(matrix) for name, matrix in (transforms or {}).items()},
         "parent_uids": [str(uid) for uid in parent_uids],
-        "roi": roi.model_dump(mode="json") if roi is not None else None,
+        "roi": roi.to_dict() if roi is not None else None,
         "conventions": conventions,
     }
     if fiducials_um is not None:

@@ -17,19 +17,26 @@ step that reads the instrument through the RunEngine before the first motion
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationError, WithJsonSchema, field_validator, model_validator
+
+from corrflow.processing.roi import RegionOfInterest
+from corrflow.processing.transforms import invert
 
 __all__ = [
+    "AlignRotationAxisRequest",
     "MAX_EXPOSURE_S",
     "MAX_PROJECTIONS",
     "MAX_REFERENCE_FRAMES",
     "MicrographRequest",
     "PlanRequest",
     "PlanValidationError",
+    "RelocateRoiRequest",
     "TomoFlyScanRequest",
     "TomoScanRequest",
+    "stage_target_um",
 ]
 
 MAX_EXPOSURE_S = 3600.0
@@ -182,3 +189,100 @@ class MicrographRequest(PlanRequest):
     exposure_s: float | None = Field(
         None, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Frame time (s); empty = the detector's current setting"
     )
+
+
+class AlignRotationAxisRequest(PlanRequest):
+    """Finding the rotation axis and the sample's height: projections at 0, 90, 180 and 270 deg with
+    their darks and flats, analysed at once, and (``apply``) the stage moved to centre both."""
+
+    plan_name: ClassVar[str] = "align_rotation_axis"
+
+    exposure_s: float = Field(0.05, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Exposure per frame (s)")
+    num_darks: int = Field(2, strict=True, ge=1, le=MAX_REFERENCE_FRAMES, description="Dark frames (shutter closed)")
+    num_flats: int = Field(2, strict=True, ge=1, le=MAX_REFERENCE_FRAMES, description="Flat frames (sample out of the beam)")
+    apply: bool = Field(
+        True, strict=True, description="Move stage x (axis onto the centre column) and z (sample onto the centre row) afterwards"
+    )
+
+
+_VECTOR3_SCHEMA = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+
+#: A region of interest as a request field: the one :class:`~corrflow.processing.roi.RegionOfInterest`
+#: (the kernels' type), given and recorded as its ``to_dict`` record.
+RegionOfInterestField = Annotated[
+    RegionOfInterest,
+    PlainValidator(lambda value: value if isinstance(value, RegionOfInterest) else RegionOfInterest.from_dict(value)),
+    PlainSerializer(lambda roi: roi.to_dict(), return_type=dict),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "title": "Region of interest",
+            "properties": {
+                "frame": {"type": "string", "minLength": 1, "description": "Frame of the coordinates"},
+                "center_um": {**_VECTOR3_SCHEMA, "description": "Centre (x, y, z) (um)"},
+                "half_size_um": {**_VECTOR3_SCHEMA, "description": "Half extents (um); zeros for a point"},
+                "label": {"type": "string", "description": "What the region is"},
+            },
+            "required": ["frame", "center_um"],
+            "additionalProperties": False,
+        }
+    ),
+]
+
+
+class RelocateRoiRequest(PlanRequest):
+    """A micrograph of a region found in another instrument's frame, through a recorded transform."""
+
+    plan_name: ClassVar[str] = "relocate_roi"
+
+    roi: RegionOfInterestField = Field(description="The region, in transform_target_frame coordinates (um)")
+    sample_from_microscope: tuple[
+        tuple[float, float, float, float], tuple[float, float, float, float], tuple[float, float, float, float], tuple[float, float, float, float]
+    ] = Field(description="Recorded 4x4 transform transform_target_frame <- microscope_stage (e.g. from registration)")
+    transform_target_frame: str = Field("beamline_sample", min_length=1, description="The frame the transform maps into")
+    max_out_of_plane_um: float = Field(
+        50.0, strict=True, gt=0, description="How far the ROI centre may lie from the imaged plane, stage frame z = 0 (um)"
+    )
+    exposure_s: float | None = Field(
+        None, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Frame time (s); empty = the detector's current setting"
+    )
+
+    @field_validator("sample_from_microscope")
+    @classmethod
+    def _affine(cls, value: Any) -> Any:
+        matrix = np.asarray(value, dtype=np.float64)
+        if not np.allclose(matrix[3], (0.0, 0.0, 0.0, 1.0)) or abs(np.linalg.det(matrix[:3, :3])) < 1e-9:
+            raise ValueError("must be an invertible affine transform (last row 0 0 0 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        # Written only here: a JSON schema cannot compare two fields (no deployed flow takes this plan).
+        if self.roi.frame != self.transform_target_frame:
+            raise ValueError(f"roi is in frame {self.roi.frame!r} but the transform maps into {self.transform_target_frame!r}")
+        target = self.stage_target_um
+        if abs(target[2]) > self.max_out_of_plane_um:
+            raise ValueError(
+                f"the roi centre is {target[2]:.1f} um off the sectioned plane seen by the microscope "
+                f"(max_out_of_plane_um {self.max_out_of_plane_um})"
+            )
+        return self
+
+    @property
+    def stage_target_um(self) -> np.ndarray:
+        """The ROI centre in the microscope stage frame, shape ``(3,)`` (um)."""
+        return stage_target_um(self.sample_from_microscope, self.roi.center_um)
+
+
+def stage_target_um(sample_from_microscope: Any, center_um: Any) -> np.ndarray:
+    """Microscope stage coordinates of a point given in the sample frame, shape ``(3,)`` (um).
+
+    Parameters
+    ----------
+    sample_from_microscope
+        4x4 homogeneous transform mapping ``microscope_stage`` points to ``beamline_sample``.
+    center_um
+        The point in ``beamline_sample`` (um), shape ``(3,)``.
+    """
+    point = np.append(np.asarray(center_um, dtype=np.float64), 1.0)
+    return (invert(np.asarray(sample_from_microscope, dtype=np.float64)) @ point)[:3]

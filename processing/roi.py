@@ -14,6 +14,7 @@ Conventions
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +117,34 @@ class RegionOfInterest:
         """Whether points ``(n, 3)`` (this frame) lie in the box; shape (n,)."""
         p = np.atleast_2d(np.asarray(points_um, dtype=np.float64))
         return np.all(np.abs(p - self.center_um) <= self.half_size_um + tolerance_um, axis=-1)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> RegionOfInterest:
+        """The inverse of :meth:`to_dict` (a region given as JSON: a flow parameter, a plan argument).
+
+        ``half_size_um`` defaults to zeros (a point); ``corners_um`` and ``label`` are optional.
+
+        Raises
+        ------
+        ValueError
+            A missing or unknown field, or a value the constructor refuses; the message names it.
+        """
+        if not isinstance(record, Mapping):
+            raise ValueError(f"a region of interest is a mapping of frame, center_um, half_size_um, label; got {type(record).__name__}")
+        known = {"frame", "center_um", "half_size_um", "label", "corners_um"}
+        unknown = sorted(set(record) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}: a region has {', '.join(sorted(known))}")
+        for required in ("frame", "center_um"):
+            if required not in record:
+                raise ValueError(f"{required} is required")
+        return cls(
+            center_um=record["center_um"],
+            half_size_um=record.get("half_size_um", (0.0, 0.0, 0.0)),
+            frame=record["frame"],
+            label=str(record.get("label", "")),
+            corners_um=record.get("corners_um"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Metadata form (the "references" group): frame, centre, half size, label, lists of floats."""

@@ -66,7 +66,7 @@ def test_dry_run_validates_estimates_and_runs_on_simulated_devices():
     assert report["messages"]["events"] == {"dark": 2, "flat": 3, "primary": 12}
     assert report["run"]["exit_status"] == "success"
     assert report["run"]["documents"]["event"] == 17
-    assert report["run"]["documents"]["stream_resource"] == 3
+    assert report["run"]["documents"]["stream_resource"] == 3 * 2  # per stream file: the image and the frames' angles
     assert len(report["run"]["files_written"]) == 3
 
 

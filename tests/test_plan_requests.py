@@ -24,7 +24,7 @@ from corrflow.devices.beamline import build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows.pipeline import correlative_chain
 from corrflow.plans import PLAN_SPECS, PlanValidationError
-from corrflow.plans.requests import MicrographRequest, TomoFlyScanRequest, TomoScanRequest
+from corrflow.plans.requests import AlignRotationAxisRequest, MicrographRequest, RelocateRoiRequest, TomoFlyScanRequest, TomoScanRequest
 from corrflow.simulators.world import SimulatedWorld
 
 # plan name -> (its request model, where the chain's deployed form holds it, if it does)
@@ -32,6 +32,16 @@ MODELS = {
     "tomo_scan": (TomoScanRequest, "tomography"),
     "tomo_fly_scan": (TomoFlyScanRequest, None),  # no deployed flow takes a fly scan yet
     "micrograph": (MicrographRequest, "micrograph"),
+    "align_rotation_axis": (AlignRotationAxisRequest, None),  # run from the queue or the dry-run, not the chain
+    "relocate_roi": (RelocateRoiRequest, None),
+}
+# Required fields of a plan, given in every case of it (the case adds or replaces one field).
+_IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+BASE = {
+    "relocate_roi": {
+        "roi": {"frame": "beamline_sample", "center_um": [10.0, 20.0, 0.0], "half_size_um": [5.0, 5.0, 5.0]},
+        "sample_from_microscope": _IDENTITY,
+    },
 }
 SCHEMA = parameter_schema(correlative_chain).model_dump_for_openapi()  # as `corrflow deploy` builds it
 
@@ -63,7 +73,19 @@ CASES = [
     pytest.param(plan, values, accepted, id=f"{plan}-{field}={value!r}-{'ok' if accepted else 'refused'}")
     for plan, (model, _) in MODELS.items()
     for field, value, accepted in _bound_cases(model)
-    for values in [{field: value}]
+    for values in [{**BASE.get(plan, {}), field: value}]
+] + [
+    # Relocation: the region must be in the transform's frame and on the imaged plane.
+    pytest.param("relocate_roi", {**BASE["relocate_roi"], **values}, accepted, id=f"relocate_roi-{label}")
+    for label, values, accepted in (
+        ("roi-in-another-frame", {"roi": {"frame": "microscope_stage", "center_um": [0.0, 0.0, 0.0]}}, False),
+        ("roi-off-the-plane", {"roi": {"frame": "beamline_sample", "center_um": [0.0, 0.0, 50.5]}}, False),
+        ("roi-at-the-plane-limit", {"roi": {"frame": "beamline_sample", "center_um": [0.0, 0.0, 50.0]}}, True),
+        ("roi-not-3d", {"roi": {"frame": "beamline_sample", "center_um": [0.0, 0.0]}}, False),
+        ("roi-unknown-field", {"roi": {"frame": "beamline_sample", "center_um": [0.0, 0.0, 0.0], "size_um": [1, 1, 1]}}, False),
+        ("singular-transform", {"sample_from_microscope": [[0.0] * 4, [0.0] * 4, [0.0] * 4, [0.0, 0.0, 0.0, 1.0]]}, False),
+        ("not-affine", {"sample_from_microscope": [*_IDENTITY[:3], [0.0, 0.0, 1.0, 1.0]]}, False),
+    )
 ] + [
     # Cross-field rules (an offset centre needs a full turn; flats need the sample moved).
     pytest.param(plan, values, accepted, id=f"{plan}-{label}")
@@ -92,6 +114,8 @@ def test_the_cases_cover_every_bound_of_every_plan_request():
     fields_with_bounds = {(plan, field) for plan, (model, _) in MODELS.items() for field, _, _ in _bound_cases(model)}
     assert {("tomo_scan", f) for f in ("num_projections", "exposure_s", "num_darks", "num_flats", "rotation_range_deg")} <= fields_with_bounds
     assert {("tomo_fly_scan", "readout_s"), ("tomo_fly_scan", "run_up_deg"), ("micrograph", "exposure_s")} <= fields_with_bounds
+    assert {("align_rotation_axis", f) for f in ("exposure_s", "num_darks", "num_flats")} <= fields_with_bounds
+    assert {("relocate_roi", "max_out_of_plane_um"), ("relocate_roi", "exposure_s")} <= fields_with_bounds
 
 
 @pytest.mark.parametrize(("plan", "values", "accepted"), CASES)

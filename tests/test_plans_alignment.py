@@ -57,7 +57,7 @@ def test_alignment_finds_the_true_axis_and_centres_it(setup):
 def test_roi_relocation_images_the_chosen_fiducial_at_the_image_centre(setup):
     _, world, _, microscope = setup
     fiducial = world.phantom().fiducial_centers_um()[0]
-    roi = {"frame": "beamline_sample", "center_um": tuple(fiducial), "size_um": (40.0, 40.0, 40.0), "label": "fiducial 0"}
+    roi = {"frame": "beamline_sample", "center_um": tuple(fiducial), "half_size_um": (20.0, 20.0, 20.0), "label": "fiducial 0"}
     docs = []
     RunEngine({})(
         relocate_roi(microscope, roi=roi, sample_from_microscope=world.sample_from_microscope.tolist(), sample=SAMPLE),
@@ -84,16 +84,21 @@ def test_roi_relocation_images_the_chosen_fiducial_at_the_image_centre(setup):
 def test_roi_relocation_refuses_bad_requests_before_moving(setup):
     _, world, _, microscope = setup
     transform = world.sample_from_microscope.tolist()
-    far = {"frame": "beamline_sample", "center_um": (0.0, 0.0, 120.0), "size_um": (10.0, 10.0, 10.0)}
+    far = {"frame": "beamline_sample", "center_um": (0.0, 0.0, 120.0), "half_size_um": (5.0, 5.0, 5.0)}
     with pytest.raises(PlanValidationError, match="off the sectioned plane"):
         relocate_roi(microscope, roi=far, sample_from_microscope=transform, sample=SAMPLE)
-    other = {"frame": "microscope_stage", "center_um": (0.0, 0.0, 20.0), "size_um": (10.0, 10.0, 10.0)}
+    other = {"frame": "microscope_stage", "center_um": (0.0, 0.0, 20.0), "half_size_um": (5.0, 5.0, 5.0)}
     with pytest.raises(PlanValidationError, match="maps into"):
         relocate_roi(microscope, roi=other, sample_from_microscope=transform, sample=SAMPLE)
     singular = np.zeros((4, 4)).tolist()
     with pytest.raises(PlanValidationError, match="invertible"):
         relocate_roi(microscope, roi={**far, "center_um": (0.0, 0.0, 20.0)}, sample_from_microscope=singular, sample=SAMPLE)
+    # Beyond the stage: a valid request, refused by the preflight (the stage as it is when the
+    # plan runs, read through the RunEngine) before anything moves.
     beyond = similarity(translation_um=(50_000.0, 0.0, 20.0))
+    plan = relocate_roi(microscope, roi={**far, "center_um": (0.0, 0.0, 20.0)}, sample_from_microscope=beyond, sample=SAMPLE)
+    documents = []
     with pytest.raises(PlanValidationError, match="stage limits"):
-        relocate_roi(microscope, roi={**far, "center_um": (0.0, 0.0, 20.0)}, sample_from_microscope=beyond, sample=SAMPLE)
+        RunEngine({})(plan, lambda name, doc: documents.append(name))
+    assert "start" not in documents, "no run was opened"
     assert microscope.stage.x.position == 0.0 and microscope.stage.y.position == 0.0
