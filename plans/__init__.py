@@ -35,6 +35,7 @@ from corrflow.plans.relocation import estimate_relocate_roi, relocate_roi
 from corrflow.processing.roi import RegionOfInterest  # the one region type, shared with the kernels
 from corrflow.plans.requests import (
     AlignRotationAxisRequest,
+    MicrographMosaicRequest,
     MicrographRequest,
     PlanRequest,
     RelocateRoiRequest,
@@ -106,7 +107,9 @@ PLAN_SPECS: Mapping[str, PlanSpec] = {
     "align_rotation_axis": PlanSpec(
         plan=align_rotation_axis, estimate=estimate_align_rotation_axis, instrument="beamline", request=AlignRotationAxisRequest
     ),
-    "micrograph_mosaic": PlanSpec(plan=micrograph_mosaic, estimate=estimate_micrograph_mosaic, instrument="microscope"),
+    "micrograph_mosaic": PlanSpec(
+        plan=micrograph_mosaic, estimate=estimate_micrograph_mosaic, instrument="microscope", request=MicrographMosaicRequest
+    ),
     "relocate_roi": PlanSpec(plan=relocate_roi, estimate=estimate_relocate_roi, instrument="microscope", request=RelocateRoiRequest),
     "micrograph": PlanSpec(plan=micrograph, estimate=estimate_micrograph, instrument="microscope", request=MicrographRequest),
 }

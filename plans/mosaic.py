@@ -35,11 +35,19 @@ from corrflow.plans.metadata import (
     settings_metadata,
 )
 from corrflow.plans.stubs import repeated_frames
-from corrflow.plans.validation import MAX_EXPOSURE_S, PlanEstimate, PlanValidationError, _Checks, tomo_devices
+from corrflow.plans.preflight import disk_problems, read_microscope_state, read_now
+from corrflow.plans.requests import MAX_TILES, MicrographMosaicRequest
+from corrflow.plans.validation import (
+    MAX_EXPOSURE_S,
+    PlanEstimate,
+    PlanValidationError,
+    _Checks,
+    microscope_of,
+    request_and_context,
+    tomo_devices,
+)
 
 __all__ = ["estimate_micrograph_mosaic", "estimate_xray_mosaic", "grid_positions", "micrograph_mosaic", "xray_mosaic"]
-
-MAX_TILES = 10_000
 
 
 def grid_positions(
@@ -259,109 +267,111 @@ def estimate_xray_mosaic(beamline: Beamline, **kwargs: Any) -> PlanEstimate:
 
 
 # -- electron micrograph mosaic -----------------------------------------------------------------
-def _validate_micrograph_mosaic(microscope: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(microscope, Microscope):
-        raise PlanValidationError("micrograph_mosaic", [f"microscope must be a Microscope, got {microscope!r}"])
-    checks = _Checks()
-    columns, rows, overlap = _check_grid(checks, kwargs["columns"], kwargs["rows"], kwargs["overlap_fraction"])
-    cx = checks.number("center_x_um", kwargs["center_x_um"], unit="um")
-    cy = checks.number("center_y_um", kwargs["center_y_um"], unit="um")
-    exposure = None if kwargs["exposure_s"] is None else checks.number("exposure_s", kwargs["exposure_s"], unit="s", gt=0.0, le=MAX_EXPOSURE_S)
-    info = checks.sample(kwargs["sample"])
-    uids = checks.uids("parent_uids", kwargs["parent_uids"])
-    user_md = checks.metadata(kwargs["md"])
-    detector, stage = microscope.detector, microscope.stage
-    rows_px, cols_px = detector.frame_shape_px
-    pixel_um = float(detector.pixel_size_um.get())
-    fov = (cols_px * pixel_um, rows_px * pixel_um)
-    tiles = None
-    if None not in (columns, rows, overlap, cx, cy):
-        tiles = grid_positions(columns=columns, rows=rows, tile_size_um=fov, overlap_fraction=overlap, center_um=(cx, cy))
-        _check_axis_range(checks, "x", stage.x, tiles[:, 0])
-        _check_axis_range(checks, "y", stage.y, tiles[:, 1])
-        checks.disk_space(detector, n_frames=len(tiles))
-    checks.raise_if_any("micrograph_mosaic")
-    return dict(tiles=tiles, fov=fov, overlap=overlap, exposure=exposure, info=info, uids=uids, md=user_md, columns=columns, rows=rows)
-
-
 def micrograph_mosaic(
     microscope: Microscope,
     *,
-    columns: int,
-    rows: int,
-    center_x_um: float,
-    center_y_um: float,
     sample: Sample | Mapping[str, str],
+    columns: int = 1,
+    rows: int = 1,
+    center_x_um: float = 0.0,
+    center_y_um: float = 0.0,
     overlap_fraction: float = 0.2,
     exposure_s: float | None = None,
     parent_uids: Sequence[str] = (),
     md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[str]:
-    """Validate and return a mosaic of micrographs over a grid of microscope stage positions.
+    """Validate the arguments and return a mosaic of micrographs over a grid of stage positions.
 
     Parameters
     ----------
     microscope
         A :class:`~corrflow.devices.sem.Microscope`.
-    columns, rows
-        Tiles along stage x and y, each >= 1.
-    center_x_um, center_y_um
-        Grid centre in the ``microscope_stage`` frame (um).
     sample
         Identification of the sample.
-    overlap_fraction
-        Fraction of an image shared by neighbouring tiles, in [0, 1).
-    exposure_s
-        Frame time (s); default the detector's setting.
+    columns, rows, center_x_um, center_y_um, overlap_fraction, exposure_s
+        See :class:`~corrflow.plans.requests.MicrographMosaicRequest`.
     parent_uids, md
         References and extra metadata.
+
+    Raises
+    ------
+    PlanValidationError
+        When called: an argument breaks the request model (no hardware is read). When run: the
+        preflight finds tiles beyond the stage limits or no room for the frames, before any motion.
     """
-    request = _validate_micrograph_mosaic(microscope, locals())
+    instrument = microscope_of(microscope)
+    arguments = dict(locals())
+    del arguments["microscope"], arguments["instrument"]
+    request, context = request_and_context(MicrographMosaicRequest, "micrograph_mosaic", arguments)
+    return _micrograph_mosaic_plan(instrument, request, context)
+
+
+def micrograph_mosaic_setup(microscope: Microscope, request: MicrographMosaicRequest) -> MsgGenerator[tuple[Any, np.ndarray]]:
+    """Plan stub (preflight): read the microscope, lay out the tiles, check them; returns (state, tiles)."""
+    state = yield from read_microscope_state(microscope)
+    rows_px, cols_px = state.detector.frame_shape_px
+    fov = (cols_px * state.detector.pixel_size_um, rows_px * state.detector.pixel_size_um)
+    tiles = grid_positions(
+        columns=request.columns, rows=request.rows, tile_size_um=fov, overlap_fraction=request.overlap_fraction,
+        center_um=(request.center_x_um, request.center_y_um),
+    )
+    problems = [
+        f"tiles span {name} [{values.min()}, {values.max()}] um, outside its limits [{axis.low}, {axis.high}] um"
+        for name, axis, values in (("x", state.x, tiles[:, 0]), ("y", state.y, tiles[:, 1]))
+        if values.min() < axis.low or values.max() > axis.high
+    ]
+    problems += disk_problems(state.detector, len(tiles))
+    if problems:
+        raise PlanValidationError("micrograph_mosaic", problems)
+    return state, tiles
+
+
+def _micrograph_mosaic_plan(microscope: Microscope, request: MicrographMosaicRequest, context: Any) -> MsgGenerator[str]:
+    state, tiles = yield from micrograph_mosaic_setup(microscope, request)
     stage, detector = microscope.stage, microscope.detector
+    rows_px, cols_px = state.detector.frame_shape_px
+    pixel_um = state.detector.pixel_size_um
     parameters = {
-        "columns": request["columns"], "rows": request["rows"], "overlap_fraction": request["overlap"],
-        "center_x_um": float(center_x_um), "center_y_um": float(center_y_um),
-        "exposure_s": request["exposure"] if request["exposure"] is not None else float(detector.exposure_s.get()),
-        "tile_width_um": request["fov"][0], "tile_height_um": request["fov"][1],
-        "detector_pixel_size_um": float(detector.pixel_size_um.get()),
+        "columns": request.columns, "rows": request.rows, "overlap_fraction": request.overlap_fraction,
+        "center_x_um": request.center_x_um, "center_y_um": request.center_y_um,
+        "exposure_s": request.exposure_s if request.exposure_s is not None else state.detector.exposure_s,
+        "tile_width_um": cols_px * pixel_um, "tile_height_um": rows_px * pixel_um, "detector_pixel_size_um": pixel_um,
     }
     units = {"columns": "", "rows": "", "overlap_fraction": "", "center_x_um": "um", "center_y_um": "um", "exposure_s": "s",
              "tile_width_um": "um", "tile_height_um": "um", "detector_pixel_size_um": "um"}
-    references = references_metadata(frame=microscope.frame, parent_uids=request["uids"], conventions="tiles_um: [x, y] stage positions (um) in the order taken")
-    references["tiles_um"] = request["tiles"].tolist()
+    references = references_metadata(frame=microscope.frame, parent_uids=context.parent_uids, conventions="tiles_um: [x, y] stage positions (um) in the order taken")
+    references["tiles_um"] = tiles.tolist()
     start_md = build_start_metadata(
-        identification=identification_metadata(request["info"], facility=microscope.facility, instrument=microscope.name),
+        identification=identification_metadata(context.sample, facility=microscope.facility, instrument=microscope.name),
         references=references,
         settings=settings_metadata("micrograph_mosaic", parameters, units=units),
-        md=request["md"],
+        md=context.md,
         plan_name="micrograph_mosaic",
         plan_args=parameters,
         detectors=[detector.name],
         motors=[stage.x.name, stage.y.name],
-        num_points=len(request["tiles"]),
-        planned_events={"primary": len(request["tiles"])},
+        num_points=len(tiles),
+        planned_events={"primary": len(tiles)},
     )
 
     @bpp.run_decorator(md=start_md)
     def run() -> MsgGenerator[None]:
-        if request["exposure"] is not None:
-            yield from bps.mv(detector.exposure_s, request["exposure"])
-        yield from frames_on_grid(detector, [stage], axes=(stage.x, stage.y), positions=request["tiles"], stream="primary")
+        if request.exposure_s is not None:
+            yield from bps.mv(detector.exposure_s, request.exposure_s)
+        yield from frames_on_grid(detector, [stage], axes=(stage.x, stage.y), positions=tiles, stream="primary")
 
-    return run()
+    return (yield from run())
 
 
 def estimate_micrograph_mosaic(microscope: Microscope, **kwargs: Any) -> PlanEstimate:
-    """Duration and data volume of :func:`micrograph_mosaic` (validates first)."""
-    request = _validate_micrograph_mosaic(microscope, _with_defaults(micrograph_mosaic, kwargs))
-    stage, detector = microscope.stage, microscope.detector
-    tiles = request["tiles"]
+    """Duration and data volume of :func:`micrograph_mosaic` (validates first, reading the microscope now)."""
+    request, _ = request_and_context(MicrographMosaicRequest, "micrograph_mosaic", _with_defaults(micrograph_mosaic, kwargs))
+    state, tiles = read_now(micrograph_mosaic_setup(microscope_of(microscope), request))
     travel = np.abs(np.diff(tiles, axis=0))
-    motion_s = float(np.sum(np.maximum(travel[:, 0] / stage.x.velocity.get(), travel[:, 1] / stage.y.velocity.get())))
-    exposure = request["exposure"] if request["exposure"] is not None else float(detector.exposure_s.get())
-    rows, cols = detector.frame_shape_px
+    motion_s = float(np.sum(np.maximum(travel[:, 0] / state.x.velocity, travel[:, 1] / state.y.velocity)))
+    exposure = request.exposure_s if request.exposure_s is not None else state.detector.exposure_s
     n = len(tiles)
-    return PlanEstimate(duration_s=n * exposure + motion_s, data_bytes=n * rows * cols * np.dtype(detector.frame_dtype).itemsize, n_frames=n)
+    return PlanEstimate(duration_s=n * exposure + motion_s, data_bytes=state.detector.frame_bytes(n), n_frames=n)
 
 
 def _with_defaults(plan: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:

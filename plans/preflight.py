@@ -247,7 +247,7 @@ def check_tomo_scan(request: TomoScanRequest, state: TomoState) -> list[str]:
             f"flat_offset_x_um ({flat_offset}) moves x from {x0} to {x0 + flat_offset} um, outside its limits "
             f"[{state.x.low}, {state.x.high}] um"
         )
-    problems += _disk_problems(detector, request.n_frames)
+    problems += disk_problems(detector, request.n_frames)
     return problems
 
 
@@ -284,10 +284,11 @@ def check_micrograph(request: MicrographRequest, state: MicroscopeState) -> list
     for name, value, axis in (("stage_x_um", request.stage_x_um, state.x), ("stage_y_um", request.stage_y_um, state.y)):
         if not axis.within(value):
             problems.append(f"{name} ({value}) is outside the stage limits [{axis.low}, {axis.high}] um")
-    return problems + _disk_problems(state.detector, 1)
+    return problems + disk_problems(state.detector, 1)
 
 
-def _disk_problems(detector: DetectorState, n_frames: int) -> list[str]:
+def disk_problems(detector: DetectorState, n_frames: int) -> list[str]:
+    """The problem of ``n_frames`` more frames on the detector's file system, if they do not fit."""
     needed = detector.frame_bytes(n_frames)
     if needed + DISK_RESERVE_BYTES > detector.free_bytes:
         return [

@@ -30,6 +30,8 @@ __all__ = [
     "MAX_EXPOSURE_S",
     "MAX_PROJECTIONS",
     "MAX_REFERENCE_FRAMES",
+    "MAX_TILES",
+    "MicrographMosaicRequest",
     "MicrographRequest",
     "PlanRequest",
     "PlanValidationError",
@@ -42,6 +44,7 @@ __all__ = [
 MAX_EXPOSURE_S = 3600.0
 MAX_PROJECTIONS = 100_000
 MAX_REFERENCE_FRAMES = 10_000
+MAX_TILES = 10_000
 
 
 class PlanValidationError(ValueError):
@@ -286,3 +289,25 @@ def stage_target_um(sample_from_microscope: Any, center_um: Any) -> np.ndarray:
     """
     point = np.append(np.asarray(center_um, dtype=np.float64), 1.0)
     return (invert(np.asarray(sample_from_microscope, dtype=np.float64)) @ point)[:3]
+
+
+class MicrographMosaicRequest(PlanRequest):
+    """Micrographs over a snake-ordered grid of microscope stage positions, neighbours overlapping."""
+
+    plan_name: ClassVar[str] = "micrograph_mosaic"
+
+    columns: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along stage x")
+    rows: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along stage y")
+    center_x_um: float = Field(0.0, strict=True, description="Grid centre, stage x in the microscope_stage frame (um)")
+    center_y_um: float = Field(0.0, strict=True, description="Grid centre, stage y in the microscope_stage frame (um)")
+    overlap_fraction: float = Field(0.2, strict=True, ge=0, lt=1, description="Fraction of an image shared by neighbouring tiles")
+    exposure_s: float | None = Field(
+        None, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Frame time (s); empty = the detector's current setting"
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        # Written only here: a JSON schema cannot multiply two fields (no deployed flow takes a mosaic).
+        if self.columns * self.rows > MAX_TILES:
+            raise ValueError(f"columns x rows must be at most {MAX_TILES} tiles, got {self.columns} x {self.rows}")
+        return self

@@ -90,3 +90,19 @@ def test_micrograph_mosaic_tiles_overlap_consistently(instruments):
     shift = int(round((tiles[1, 0] - tiles[0, 0]) / 3.0))
     a, b = frames[0][:, shift:], frames[1][:, : 256 - shift]
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.8
+
+
+def test_micrograph_mosaic_is_checked_against_the_microscope_when_it_runs_not_when_it_is_made(instruments):
+    """Made with tiles beyond the stage: nothing is read; run, its preflight refuses it before any motion."""
+    from corrflow.plans.mosaic import estimate_micrograph_mosaic
+
+    _, microscope = instruments
+    with pytest.raises(PlanValidationError, match="columns x rows"):
+        micrograph_mosaic(microscope, columns=200, rows=100, sample=SAMPLE)
+    plan = micrograph_mosaic(microscope, columns=3, rows=1, center_x_um=1.0e6, sample=SAMPLE)
+    documents = []
+    with pytest.raises(PlanValidationError, match="outside its limits"):
+        RunEngine({})(plan, lambda name, doc: documents.append(name))
+    assert "start" not in documents, "no run was opened"
+    assert microscope.stage.x.position == 0.0
+    assert estimate_micrograph_mosaic(microscope, columns=3, rows=2, sample=SAMPLE).n_frames == 6
