@@ -41,6 +41,7 @@ from corrflow.plans.requests import (
     RelocateRoiRequest,
     TomoFlyScanRequest,
     TomoScanRequest,
+    XrayMosaicRequest,
 )
 from corrflow.plans.tomography import tomo_scan
 from corrflow.plans.validation import (
@@ -101,7 +102,7 @@ PLAN_SPECS: Mapping[str, PlanSpec] = {
     "tomo_fly_scan": PlanSpec(
         plan=tomo_fly_scan, estimate=estimate_tomo_fly_scan, instrument="beamline", request=TomoFlyScanRequest
     ),
-    "xray_mosaic": PlanSpec(plan=xray_mosaic, estimate=estimate_xray_mosaic, instrument="beamline"),
+    "xray_mosaic": PlanSpec(plan=xray_mosaic, estimate=estimate_xray_mosaic, instrument="beamline", request=XrayMosaicRequest),
     "temperature_series": PlanSpec(plan=temperature_series, estimate=estimate_temperature_series, instrument="beamline"),
     "time_lapse": PlanSpec(plan=time_lapse, estimate=estimate_time_lapse, instrument="beamline"),
     "align_rotation_axis": PlanSpec(

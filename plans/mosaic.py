@@ -17,6 +17,7 @@ and the overlap, so a stitcher knows where each tile goes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -35,17 +36,9 @@ from corrflow.plans.metadata import (
     settings_metadata,
 )
 from corrflow.plans.stubs import repeated_frames
-from corrflow.plans.preflight import disk_problems, read_microscope_state, read_now
-from corrflow.plans.requests import MAX_TILES, MicrographMosaicRequest
-from corrflow.plans.validation import (
-    MAX_EXPOSURE_S,
-    PlanEstimate,
-    PlanValidationError,
-    _Checks,
-    microscope_of,
-    request_and_context,
-    tomo_devices,
-)
+from corrflow.plans.preflight import AxisState, TomoState, disk_problems, read_axis, read_microscope_state, read_now, read_tomo_state
+from corrflow.plans.requests import MicrographMosaicRequest, XrayMosaicRequest
+from corrflow.plans.validation import PlanEstimate, PlanValidationError, microscope_of, request_and_context, tomo_devices
 
 __all__ = ["estimate_micrograph_mosaic", "estimate_xray_mosaic", "grid_positions", "micrograph_mosaic", "xray_mosaic"]
 
@@ -85,78 +78,15 @@ def grid_positions(
     return np.asarray(points, dtype=np.float64)
 
 
-def _check_grid(checks: _Checks, columns: Any, rows: Any, overlap_fraction: Any) -> tuple[int | None, int | None, float | None]:
-    c = checks.integer("columns", columns, minimum=1, maximum=MAX_TILES)
-    r = checks.integer("rows", rows, minimum=1, maximum=MAX_TILES)
-    overlap = checks.number("overlap_fraction", overlap_fraction, unit="")
-    if overlap is not None and not 0 <= overlap < 1:
-        checks.fail(f"overlap_fraction must be in [0, 1), got {overlap}")
-        overlap = None
-    if c is not None and r is not None and c * r > MAX_TILES:
-        checks.fail(f"columns x rows must be at most {MAX_TILES} tiles, got {c * r}")
-    return c, r, overlap
-
-
-def _check_axis_range(checks: _Checks, name: str, axis: Any, values: np.ndarray) -> None:
-    low, high = axis.limits
-    if values.min() < low or values.max() > high:
-        checks.fail(f"tiles span {name} [{values.min()}, {values.max()}] um, outside its limits [{low}, {high}] um")
-
-
 # -- X-ray radiography mosaic -------------------------------------------------------------------
-def _validate_xray_mosaic(beamline: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    devices = tomo_devices(beamline)
-    checks = _Checks()
-    columns, rows, overlap = _check_grid(checks, kwargs["columns"], kwargs["rows"], kwargs["overlap_fraction"])
-    exposure = checks.number("exposure_s", kwargs["exposure_s"], unit="s", gt=0.0, le=MAX_EXPOSURE_S)
-    angle = checks.number("angle_deg", kwargs["angle_deg"], unit="deg")
-    darks = checks.integer("num_darks", kwargs["num_darks"], minimum=1, maximum=10_000)
-    flats = checks.integer("num_flats", kwargs["num_flats"], minimum=1, maximum=10_000)
-    info = checks.sample(kwargs["sample"])
-    uids = checks.uids("parent_uids", kwargs["parent_uids"])
-    user_md = checks.metadata(kwargs["md"])
-    stage, detector = devices.stage, devices.detector
-    rows_px, cols_px = detector.frame_shape_px
-    pixel_um = float(detector.pixel_size_um.get())
-    fov = (cols_px * pixel_um, rows_px * pixel_um)
-    center = (float(stage.x.position), float(stage.z.position))
-    for name, value in (("center_x_um", kwargs["center_x_um"]), ("center_z_um", kwargs["center_z_um"])):
-        if value is not None:
-            checked = checks.number(name, value, unit="um")
-            if checked is not None:
-                center = (checked, center[1]) if name == "center_x_um" else (center[0], checked)
-    if angle is not None:
-        low, high = stage.rotation.limits
-        if not low <= angle <= high:
-            checks.fail(f"angle_deg ({angle}) is outside the rotation limits [{low}, {high}] deg")
-    tiles, flat_x = None, None
-    if columns is not None and rows is not None and overlap is not None:
-        tiles = grid_positions(columns=columns, rows=rows, tile_size_um=fov, overlap_fraction=overlap, center_um=center)
-        _check_axis_range(checks, "x", stage.x, tiles[:, 0])
-        _check_axis_range(checks, "z", stage.z, tiles[:, 1])
-        # Flats: the region the grid images (half a field beyond its outer tile centres) moved
-        # out of the field, with half a field to spare.
-        flat_x = tiles[:, 0].max() + 1.5 * fov[0]
-        if not stage.x.limits[0] <= flat_x <= stage.x.limits[1]:
-            checks.fail(f"the flat-field position x = {flat_x} um is outside the x limits {stage.x.limits} um")
-    if darks is not None and flats is not None and columns is not None and rows is not None:
-        checks.disk_space(detector, n_frames=darks + flats + columns * rows)
-    checks.raise_if_any("xray_mosaic")
-    return dict(
-        devices=devices, tiles=tiles, fov=fov, overlap=overlap, exposure=exposure, angle=angle, darks=darks, flats=flats,
-        info=info, uids=uids, md=user_md, columns=columns, rows=rows, flat_x=flat_x,
-        x0=float(stage.x.position), z0=float(stage.z.position), rotation0=float(stage.rotation.position),
-    )
-
-
 def xray_mosaic(
     beamline: Beamline,
     *,
-    columns: int,
-    rows: int,
-    exposure_s: float,
     sample: Sample | Mapping[str, str],
+    columns: int = 1,
+    rows: int = 1,
     overlap_fraction: float = 0.2,
+    exposure_s: float = 0.05,
     angle_deg: float = 0.0,
     center_x_um: float | None = None,
     center_z_um: float | None = None,
@@ -165,79 +95,121 @@ def xray_mosaic(
     parent_uids: Sequence[str] = (),
     md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[str]:
-    """Validate and return a radiography mosaic: a grid of stage x, z positions at one angle.
+    """Validate the arguments and return a radiography mosaic: a grid of stage x, z positions at one angle.
 
     Parameters
     ----------
     beamline
         A :class:`~corrflow.devices.beamline.Beamline` (simulated or EPICS).
-    columns, rows
-        Tiles across the beam (x) and vertically (z), each >= 1.
-    exposure_s
-        Exposure of every frame (s, > 0).
     sample
         Identification of the sample.
-    overlap_fraction
-        Fraction of the detector field shared by neighbouring tiles, in [0, 1).
-    angle_deg
-        Rotation angle of all tiles (deg).
-    center_x_um, center_z_um
-        Grid centre (um, stage frame); default the current stage position.
-    num_darks, num_flats
-        Reference frames (flats with the stage beyond the grid's far side).
+    columns, rows, overlap_fraction, exposure_s, angle_deg, center_x_um, center_z_um, num_darks, num_flats
+        See :class:`~corrflow.plans.requests.XrayMosaicRequest`.
     parent_uids, md
         References and extra metadata.
 
     Raises
     ------
     PlanValidationError
-        On any bad argument, including tiles or the flat-field position beyond the soft limits.
+        When called: an argument breaks the request model (no hardware is read). When run: the
+        preflight finds the angle, tiles or the flat-field position beyond the soft limits, or no
+        room for the frames, before any motion.
     """
-    request = _validate_xray_mosaic(beamline, locals())
-    devices = request["devices"]
+    devices = tomo_devices(beamline)
+    arguments = dict(locals())
+    del arguments["beamline"], arguments["devices"]
+    request, context = request_and_context(XrayMosaicRequest, "xray_mosaic", arguments)
+    return _xray_mosaic_plan(devices, request, context)
+
+
+@dataclass(frozen=True)
+class XrayMosaicSetup:
+    """An X-ray mosaic checked against the beamline: its state, the z axis, the tiles and the flats' x."""
+
+    state: TomoState
+    z: AxisState
+    tiles: np.ndarray
+    flat_x_um: float
+    tile_size_um: tuple[float, float]
+
+
+def xray_mosaic_setup(devices: Any, request: XrayMosaicRequest) -> MsgGenerator[XrayMosaicSetup]:
+    """Plan stub (preflight): read the beamline, lay out the tiles, check them."""
+    state = yield from read_tomo_state(devices)
+    z = yield from read_axis(devices.stage.z)
+    rows_px, cols_px = state.detector.frame_shape_px
+    fov = (cols_px * state.detector.pixel_size_um, rows_px * state.detector.pixel_size_um)
+    center = (
+        state.x.position if request.center_x_um is None else request.center_x_um,
+        z.position if request.center_z_um is None else request.center_z_um,
+    )
+    tiles = grid_positions(columns=request.columns, rows=request.rows, tile_size_um=fov, overlap_fraction=request.overlap_fraction, center_um=center)
+    # Flats: the region the grid images (half a field beyond its outer tile centres) moved out of
+    # the field, with half a field to spare.
+    flat_x = float(tiles[:, 0].max() + 1.5 * fov[0])
+    problems = [] if state.rotation.within(request.angle_deg) else [
+        f"angle_deg ({request.angle_deg}) is outside the rotation limits [{state.rotation.low}, {state.rotation.high}] deg"
+    ]
+    problems += [
+        f"tiles span {name} [{values.min()}, {values.max()}] um, outside its limits [{axis.low}, {axis.high}] um"
+        for name, axis, values in (("x", state.x, tiles[:, 0]), ("z", z, tiles[:, 1]))
+        if values.min() < axis.low or values.max() > axis.high
+    ]
+    if not state.x.within(flat_x):
+        problems.append(f"the flat-field position x = {flat_x} um is outside the x limits [{state.x.low}, {state.x.high}] um")
+    problems += disk_problems(state.detector, request.num_darks + request.num_flats + len(tiles))
+    if problems:
+        raise PlanValidationError("xray_mosaic", problems)
+    return XrayMosaicSetup(state=state, z=z, tiles=tiles, flat_x_um=flat_x, tile_size_um=fov)
+
+
+def _xray_mosaic_plan(devices: Any, request: XrayMosaicRequest, context: Any) -> MsgGenerator[str]:
+    setup = yield from xray_mosaic_setup(devices, request)
     stage, detector, shutter = devices.stage, devices.detector, devices.shutter
+    tiles = setup.tiles
     parameters = {
-        "columns": request["columns"], "rows": request["rows"], "overlap_fraction": request["overlap"],
-        "exposure_s": request["exposure"], "angle_deg": request["angle"], "num_darks": request["darks"],
-        "num_flats": request["flats"], "tile_width_um": request["fov"][0], "tile_height_um": request["fov"][1],
-        "flat_x_um": request["flat_x"],
+        "columns": request.columns, "rows": request.rows, "overlap_fraction": request.overlap_fraction,
+        "exposure_s": request.exposure_s, "angle_deg": request.angle_deg, "num_darks": request.num_darks,
+        "num_flats": request.num_flats, "tile_width_um": setup.tile_size_um[0], "tile_height_um": setup.tile_size_um[1],
+        "flat_x_um": setup.flat_x_um,
     }
     units = {"columns": "", "rows": "", "overlap_fraction": "", "exposure_s": "s", "angle_deg": "deg", "num_darks": "",
              "num_flats": "", "tile_width_um": "um", "tile_height_um": "um", "flat_x_um": "um"}
-    references = references_metadata(frame=devices.frame, parent_uids=request["uids"], conventions="tiles_um: [x, z] stage positions (um) in the order taken")
-    references["tiles_um"] = request["tiles"].tolist()
+    references = references_metadata(frame=devices.frame, parent_uids=context.parent_uids, conventions="tiles_um: [x, z] stage positions (um) in the order taken")
+    references["tiles_um"] = tiles.tolist()
     start_md = build_start_metadata(
-        identification=identification_metadata(request["info"], facility=devices.facility, instrument=devices.instrument),
+        identification=identification_metadata(context.sample, facility=devices.facility, instrument=devices.instrument),
         references=references,
         settings=settings_metadata("xray_mosaic", parameters, units=units),
-        md=request["md"],
+        md=context.md,
         plan_name="xray_mosaic",
         plan_args=parameters,
         detectors=[detector.name],
         motors=[stage.x.name, stage.z.name],
-        num_points=len(request["tiles"]),
-        planned_events={"dark": request["darks"], "flat": request["flats"], "primary": len(request["tiles"])},
+        num_points=len(tiles),
+        planned_events={"dark": request.num_darks, "flat": request.num_flats, "primary": len(tiles)},
         hints={"dimensions": [([stage.x.name], "primary"), ([stage.z.name], "primary")]},
     )
     readables = [stage, shutter]
 
-    def tiles() -> MsgGenerator[None]:
-        yield from bps.mv(detector.exposure_s, request["exposure"], stage.rotation, request["angle"])
+    def frames() -> MsgGenerator[None]:
+        yield from bps.mv(detector.exposure_s, request.exposure_s, stage.rotation, request.angle_deg)
         yield from bps.mv(shutter, "closed", detector.image_key, IMAGE_KEY_DARK)
-        yield from repeated_frames(detector, readables, stream="dark", num_frames=request["darks"])
-        yield from bps.mv(stage.x, request["flat_x"], shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
-        yield from repeated_frames(detector, readables, stream="flat", num_frames=request["flats"])
+        yield from repeated_frames(detector, readables, stream="dark", num_frames=request.num_darks)
+        yield from bps.mv(stage.x, setup.flat_x_um, shutter, "open", detector.image_key, IMAGE_KEY_FLAT)
+        yield from repeated_frames(detector, readables, stream="flat", num_frames=request.num_flats)
         yield from bps.mv(detector.image_key, IMAGE_KEY_PROJECTION)
-        yield from frames_on_grid(detector, readables, axes=(stage.x, stage.z), positions=request["tiles"], stream="primary")
+        yield from frames_on_grid(detector, readables, axes=(stage.x, stage.z), positions=tiles, stream="primary")
 
     def restore() -> MsgGenerator[None]:
-        yield from bps.mv(shutter, "closed", stage.x, request["x0"], stage.z, request["z0"], stage.rotation, request["rotation0"])
+        state = setup.state
+        yield from bps.mv(shutter, "closed", stage.x, state.x.position, stage.z, setup.z.position, stage.rotation, state.rotation.position)
 
     @bpp.run_decorator(md=start_md)
     def run() -> MsgGenerator[None]:
-        yield from bpp.finalize_wrapper(tiles(), restore())
+        yield from bpp.finalize_wrapper(frames(), restore())
 
-    return run()
+    return (yield from run())
 
 
 def frames_on_grid(detector: Any, readables: Sequence[Any], *, axes: tuple[Any, Any], positions: np.ndarray, stream: str) -> MsgGenerator[None]:
@@ -254,16 +226,15 @@ def frames_on_grid(detector: Any, readables: Sequence[Any], *, axes: tuple[Any, 
 
 
 def estimate_xray_mosaic(beamline: Beamline, **kwargs: Any) -> PlanEstimate:
-    """Duration and data volume of :func:`xray_mosaic` (validates first)."""
-    request = _validate_xray_mosaic(beamline, _with_defaults(xray_mosaic, kwargs))
-    stage, detector = request["devices"].stage, request["devices"].detector
-    tiles = request["tiles"]
+    """Duration and data volume of :func:`xray_mosaic` (validates first, reading the beamline now)."""
+    request, _ = request_and_context(XrayMosaicRequest, "xray_mosaic", _with_defaults(xray_mosaic, kwargs))
+    setup = read_now(xray_mosaic_setup(tomo_devices(beamline), request))
+    state, tiles = setup.state, setup.tiles
     travel = np.abs(np.diff(tiles, axis=0))
-    motion_s = float(np.sum(np.maximum(travel[:, 0] / stage.x.velocity.get(), travel[:, 1] / stage.z.velocity.get())))
-    motion_s += 2 * abs(request["flat_x"] - request["x0"]) / stage.x.velocity.get()
-    n = request["darks"] + request["flats"] + len(tiles)
-    rows, cols = detector.frame_shape_px
-    return PlanEstimate(duration_s=n * request["exposure"] + motion_s, data_bytes=n * rows * cols * np.dtype(detector.frame_dtype).itemsize, n_frames=n)
+    motion_s = float(np.sum(np.maximum(travel[:, 0] / state.x.velocity, travel[:, 1] / setup.z.velocity)))
+    motion_s += 2 * abs(setup.flat_x_um - state.x.position) / state.x.velocity
+    n = request.num_darks + request.num_flats + len(tiles)
+    return PlanEstimate(duration_s=n * request.exposure_s + motion_s, data_bytes=state.detector.frame_bytes(n), n_frames=n)
 
 
 # -- electron micrograph mosaic -----------------------------------------------------------------

@@ -113,7 +113,8 @@ class MicroscopeState:
     detector: DetectorState
 
 
-def _read_axis(axis: Any) -> MsgGenerator[AxisState]:
+def read_axis(axis: Any) -> MsgGenerator[AxisState]:
+    """Plan stub: an axis' position, soft limits and velocity (reads only)."""
     position = yield from bps.rd(axis)
     low = yield from bps.rd(axis.low_limit_travel)
     high = yield from bps.rd(axis.high_limit_travel)
@@ -147,8 +148,8 @@ def _read_detector(detector: Any) -> MsgGenerator[DetectorState]:
 def read_tomo_state(devices: Any) -> MsgGenerator[TomoState]:
     """Plan stub: read what a tomography scan is checked against (reads only)."""
     stage, detector = devices.stage, devices.detector
-    x = yield from _read_axis(stage.x)
-    rotation = yield from _read_axis(stage.rotation)
+    x = yield from read_axis(stage.x)
+    rotation = yield from read_axis(stage.rotation)
     y_um = yield from bps.rd(stage.y)
     z_um = yield from bps.rd(stage.z)
     detector_state = yield from _read_detector(detector)
@@ -169,8 +170,8 @@ def read_tomo_state(devices: Any) -> MsgGenerator[TomoState]:
 
 def read_microscope_state(microscope: Any) -> MsgGenerator[MicroscopeState]:
     """Plan stub: read what a micrograph is checked against (reads only)."""
-    x = yield from _read_axis(microscope.stage.x)
-    y = yield from _read_axis(microscope.stage.y)
+    x = yield from read_axis(microscope.stage.x)
+    y = yield from read_axis(microscope.stage.y)
     detector = yield from _read_detector(microscope.detector)
     return MicroscopeState(x=x, y=y, detector=detector)
 

@@ -38,6 +38,7 @@ __all__ = [
     "RelocateRoiRequest",
     "TomoFlyScanRequest",
     "TomoScanRequest",
+    "XrayMosaicRequest",
     "stage_target_um",
 ]
 
@@ -291,23 +292,42 @@ def stage_target_um(sample_from_microscope: Any, center_um: Any) -> np.ndarray:
     return (invert(np.asarray(sample_from_microscope, dtype=np.float64)) @ point)[:3]
 
 
-class MicrographMosaicRequest(PlanRequest):
-    """Micrographs over a snake-ordered grid of microscope stage positions, neighbours overlapping."""
+class _MosaicGrid(PlanRequest):
+    """The grid of a mosaic: snake-ordered tiles, neighbours overlapping; at most MAX_TILES in all."""
 
-    plan_name: ClassVar[str] = "micrograph_mosaic"
-
-    columns: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along stage x")
-    rows: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along stage y")
-    center_x_um: float = Field(0.0, strict=True, description="Grid centre, stage x in the microscope_stage frame (um)")
-    center_y_um: float = Field(0.0, strict=True, description="Grid centre, stage y in the microscope_stage frame (um)")
-    overlap_fraction: float = Field(0.2, strict=True, ge=0, lt=1, description="Fraction of an image shared by neighbouring tiles")
-    exposure_s: float | None = Field(
-        None, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Frame time (s); empty = the detector's current setting"
-    )
+    columns: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along the fast axis")
+    rows: int = Field(1, strict=True, ge=1, le=MAX_TILES, description="Tiles along the slow axis")
+    overlap_fraction: float = Field(0.2, strict=True, ge=0, lt=1, description="Fraction of a tile shared by neighbouring tiles")
 
     @model_validator(mode="after")
-    def _cross_field(self) -> Self:
+    def _at_most_max_tiles(self) -> Self:
         # Written only here: a JSON schema cannot multiply two fields (no deployed flow takes a mosaic).
         if self.columns * self.rows > MAX_TILES:
             raise ValueError(f"columns x rows must be at most {MAX_TILES} tiles, got {self.columns} x {self.rows}")
         return self
+
+
+class XrayMosaicRequest(_MosaicGrid):
+    """Radiographs at one rotation angle over a grid of stage x (across the beam, columns) and z
+    (up, rows) positions, with darks and flats, for a sample larger than the field of view."""
+
+    plan_name: ClassVar[str] = "xray_mosaic"
+
+    exposure_s: float = Field(0.05, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Exposure per frame (s)")
+    angle_deg: float = Field(0.0, strict=True, description="Rotation angle of all tiles (deg)")
+    center_x_um: float | None = Field(None, strict=True, description="Grid centre, stage x (um); empty = where the stage is")
+    center_z_um: float | None = Field(None, strict=True, description="Grid centre, stage z (um); empty = where the stage is")
+    num_darks: int = Field(5, strict=True, ge=1, le=MAX_REFERENCE_FRAMES, description="Dark frames (shutter closed)")
+    num_flats: int = Field(5, strict=True, ge=1, le=MAX_REFERENCE_FRAMES, description="Flat frames (stage beyond the grid's far side)")
+
+
+class MicrographMosaicRequest(_MosaicGrid):
+    """Micrographs over a grid of microscope stage x (columns) and y (rows) positions."""
+
+    plan_name: ClassVar[str] = "micrograph_mosaic"
+
+    center_x_um: float = Field(0.0, strict=True, description="Grid centre, stage x in the microscope_stage frame (um)")
+    center_y_um: float = Field(0.0, strict=True, description="Grid centre, stage y in the microscope_stage frame (um)")
+    exposure_s: float | None = Field(
+        None, strict=True, gt=0, le=MAX_EXPOSURE_S, description="Frame time (s); empty = the detector's current setting"
+    )

@@ -24,7 +24,7 @@ from corrflow.devices.beamline import build_beamline
 from corrflow.devices.sem import build_microscope
 from corrflow.flows.pipeline import correlative_chain
 from corrflow.plans import PLAN_SPECS, PlanValidationError
-from corrflow.plans.requests import AlignRotationAxisRequest, MicrographMosaicRequest, MicrographRequest, RelocateRoiRequest, TomoFlyScanRequest, TomoScanRequest
+from corrflow.plans.requests import AlignRotationAxisRequest, MicrographMosaicRequest, MicrographRequest, RelocateRoiRequest, TomoFlyScanRequest, TomoScanRequest, XrayMosaicRequest
 from corrflow.simulators.world import SimulatedWorld
 
 # plan name -> (its request model, where the chain's deployed form holds it, if it does)
@@ -35,6 +35,7 @@ MODELS = {
     "align_rotation_axis": (AlignRotationAxisRequest, None),  # run from the queue or the dry-run, not the chain
     "relocate_roi": (RelocateRoiRequest, None),
     "micrograph_mosaic": (MicrographMosaicRequest, None),
+    "xray_mosaic": (XrayMosaicRequest, None),
 }
 # Required fields of a plan, given in every case of it (the case adds or replaces one field).
 _IDENTITY = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
@@ -89,7 +90,8 @@ CASES = [
     )
 ] + [
     # A mosaic: at most MAX_TILES tiles in all.
-    pytest.param("micrograph_mosaic", values, accepted, id=f"micrograph_mosaic-{label}")
+    pytest.param(plan, values, accepted, id=f"{plan}-{label}")
+    for plan in ("micrograph_mosaic", "xray_mosaic")
     for label, values, accepted in (
         ("100x100-tiles", {"columns": 100, "rows": 100}, True),
         ("101x100-tiles", {"columns": 101, "rows": 100}, False),
@@ -125,6 +127,7 @@ def test_the_cases_cover_every_bound_of_every_plan_request():
     assert {("align_rotation_axis", f) for f in ("exposure_s", "num_darks", "num_flats")} <= fields_with_bounds
     assert {("relocate_roi", "max_out_of_plane_um"), ("relocate_roi", "exposure_s")} <= fields_with_bounds
     assert {("micrograph_mosaic", f) for f in ("columns", "rows", "overlap_fraction", "exposure_s")} <= fields_with_bounds
+    assert {("xray_mosaic", f) for f in ("columns", "rows", "overlap_fraction", "exposure_s", "num_darks", "num_flats")} <= fields_with_bounds
 
 
 @pytest.mark.parametrize(("plan", "values", "accepted"), CASES)

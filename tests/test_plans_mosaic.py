@@ -69,11 +69,16 @@ def test_xray_mosaic_tiles_overlap_consistently(instruments):
 
 
 def test_xray_mosaic_beyond_the_stage_limits_is_refused_before_moving(instruments):
+    """A bad argument is refused when the plan is made; tiles beyond the stage (which needs the
+    beamline's state) by its preflight when it runs, before any motion and before any run opens."""
     beamline, _ = instruments
-    with pytest.raises(PlanValidationError, match="outside its limits"):
-        xray_mosaic(beamline, columns=20, rows=1, exposure_s=0.1, sample=SAMPLE)
     with pytest.raises(PlanValidationError, match="overlap_fraction"):
         xray_mosaic(beamline, columns=2, rows=2, overlap_fraction=1.5, exposure_s=0.1, sample=SAMPLE)
+    plan = xray_mosaic(beamline, columns=20, rows=1, exposure_s=0.1, sample=SAMPLE)
+    documents = []
+    with pytest.raises(PlanValidationError, match="outside its limits"):
+        RunEngine({})(plan, lambda name, doc: documents.append(name))
+    assert "start" not in documents
     assert beamline.stage.x.position == 0.0
     estimate = estimate_xray_mosaic(beamline, columns=3, rows=2, exposure_s=0.1, sample=SAMPLE)
     assert estimate.n_frames == 6 + 5 + 5
